@@ -1,0 +1,1 @@
+"""Unsupervised anomaly detection and localization in industrial images."""
