@@ -1,0 +1,168 @@
+"""Callbacks: the test outputs written to the run directory, and the config kept in checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from anomaly.metrics import roc_curve
+from anomaly.visualization import heatmap_panel, save_roc_plot
+
+
+def _gather(items: list) -> list:
+    """All ranks' lists concatenated (the list itself without distributed training)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+class TestResultsWriter(Callback):
+    """Writes what a test run produces into `output_dir` (rank 0 only) and shows it to loggers.
+
+    Files: `metrics.json`, `scores.csv` (path, defect_type, label, score), `heatmaps/*.png`
+    (input, reconstruction, anomaly map, ground truth, overlay; `num_heatmaps` per defect type),
+    `roc_image.png` and `roc_pixel.png`.
+    """
+
+    def __init__(self, output_dir: str, num_heatmaps: int = 4) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_heatmaps = num_heatmaps
+        self._rows: list[dict] = []
+        self._pixels: list[tuple[np.ndarray, np.ndarray]] = []
+        self._panels: list[dict] = []
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rows, self._pixels, self._panels = [], [], []
+
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs: dict, batch: dict, batch_idx: int, dataloader_idx=0
+    ) -> None:
+        shown = {}
+        for panel in self._panels:
+            shown[panel["defect_type"]] = shown.get(panel["defect_type"], 0) + 1
+        for i, path in enumerate(batch["path"]):
+            defect_type = batch["defect_type"][i]
+            self._rows.append(
+                {
+                    "path": path,
+                    "defect_type": defect_type,
+                    "label": int(batch["label"][i]),
+                    "score": float(outputs["pred_score"][i]),
+                }
+            )
+            self._pixels.append(
+                (
+                    outputs["anomaly_map"][i].float().cpu().numpy().astype(np.float16),
+                    batch["mask"][i, 0].bool().cpu().numpy(),
+                )
+            )
+            if shown.get(defect_type, 0) < self.num_heatmaps:
+                shown[defect_type] = shown.get(defect_type, 0) + 1
+                self._panels.append(
+                    {
+                        "path": path,
+                        "defect_type": defect_type,
+                        "image": batch["image"][i].cpu(),
+                        "reconstruction": outputs["reconstruction"][i].float().cpu(),
+                        "anomaly_map": outputs["anomaly_map"][i].float().cpu(),
+                        "mask": batch["mask"][i, 0].cpu(),
+                    }
+                )
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows, pixels, panels = _gather(self._rows), _gather(self._pixels), _gather(self._panels)
+        if not trainer.is_global_zero:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows.sort(key=lambda row: row["path"])
+        metrics = self.metrics_record(trainer, pl_module, len(rows))
+        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(self.output_dir / "scores.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "defect_type", "label", "score"])
+            writer.writeheader()
+            writer.writerows(rows)
+        self._save_roc_plots(rows, pixels, metrics)
+        images = self._save_panels(panels, max((row["score"] for row in rows), default=1.0))
+        log_images(trainer, images)
+
+    @staticmethod
+    def metrics_record(trainer: Trainer, pl_module: LightningModule, num_images: int) -> dict:
+        datamodule = trainer.datamodule
+        return {
+            **pl_module.test_results,
+            "model": getattr(pl_module, "name", type(pl_module).__name__),
+            "category": getattr(datamodule, "category", None),
+            "image_size": getattr(datamodule, "image_size", None),
+            "num_test_images": num_images,
+        }
+
+    def _save_roc_plots(self, rows: list[dict], pixels: list, metrics: dict) -> None:
+        scores = torch.tensor([row["score"] for row in rows], dtype=torch.float64)
+        labels = torch.tensor([row["label"] for row in rows])
+        fpr, tpr = roc_curve(scores, labels)
+        save_roc_plot(
+            fpr.numpy(),
+            tpr.numpy(),
+            metrics["image_auroc"],
+            "image ROC",
+            self.output_dir / "roc_image.png",
+        )
+        if pixels:
+            maps = torch.from_numpy(np.concatenate([m.ravel() for m, _ in pixels])).double()
+            masks = torch.from_numpy(np.concatenate([t.ravel() for _, t in pixels]))
+            fpr, tpr = roc_curve(maps, masks.long())
+            save_roc_plot(
+                fpr.numpy(),
+                tpr.numpy(),
+                metrics["pixel_auroc"],
+                "pixel ROC",
+                self.output_dir / "roc_pixel.png",
+            )
+
+    def _save_panels(self, panels: list[dict], vmax: float) -> dict[str, np.ndarray]:
+        folder = self.output_dir / "heatmaps"
+        folder.mkdir(exist_ok=True)
+        images = {}
+        for panel in sorted(panels, key=lambda p: p["path"]):
+            image = heatmap_panel(
+                panel["image"], panel["reconstruction"], panel["anomaly_map"], panel["mask"], vmax
+            )
+            name = f"{panel['defect_type']}_{Path(panel['path']).stem}"
+            Image.fromarray(image).save(folder / f"{name}.png")
+            images[name] = image
+        return images
+
+
+def log_images(trainer: Trainer, images: dict[str, np.ndarray]) -> None:
+    """Send heatmap panels to whichever image-capable loggers are configured."""
+    if not images:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(
+                key="test/heatmaps", images=list(images.values()), caption=list(images)
+            )
+        elif isinstance(logger, TensorBoardLogger):
+            for name, image in images.items():
+                logger.experiment.add_image(f"test/heatmaps/{name}", image, dataformats="HWC")
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the run's resolved config in every checkpoint (eval.py restores data from it)."""
+
+    def __init__(self, config: DictConfig) -> None:
+        self.config = OmegaConf.to_container(config, resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["config"] = self.config

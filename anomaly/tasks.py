@@ -1,0 +1,140 @@
+"""The train and eval tasks behind `train.py` and `eval.py`: instantiate, fit, test, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning import Callback, Trainer
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
+
+from anomaly.callbacks import ConfigInCheckpoint
+from anomaly.data.mvtec import DatasetError
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the user's input is wrong": reported as one line, without a stack trace.
+USER_ERRORS = (ValueError, MissingMandatoryValue, InstantiationException, FileNotFoundError)
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error on one line (Hydra wraps constructor errors in several lines)."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split())
+
+
+def instantiate_group(config: DictConfig | None) -> list:
+    """Instantiate every entry of a config group that holds a `_target_` (callbacks, loggers)."""
+    if not config:
+        return []
+    return [instantiate(entry) for entry in config.values() if "_target_" in entry]
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> Trainer:
+    callbacks: list[Callback] = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks)
+    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def format_metrics(metrics: dict) -> str:
+    """A readable table of the test metrics, per-defect image AUROC below."""
+    lines = [f"{'metric':<22}{'value':>8}", "-" * 30]
+    lines += [f"{key:<22}{metrics[key]:>8.4f}" for key in METRIC_KEYS if key in metrics]
+    per_defect = metrics.get("per_defect") or {}
+    if per_defect:
+        lines += ["", f"{'image AUROC per defect':<22}", "-" * 30]
+        lines += [f"{name:<22}{value:>8.4f}" for name, value in per_defect.items()]
+    return "\n".join(lines)
+
+
+def _close_loggers(trainer: Trainer | None) -> None:
+    """Finish wandb runs so each multirun job logs to its own run, even when a job fails."""
+    if trainer is None:
+        return
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            experiment.finish()
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit a model, then test its best checkpoint.
+
+    Returns:
+        (test metrics as written to metrics.json, validation metrics of the best checkpoint).
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, [ConfigInCheckpoint(cfg)])
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        val_metrics = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("val/")
+        }
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            val_metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
+        test_metrics = {}
+        if cfg.get("test", True):
+            best = checkpoint.best_model_path if checkpoint is not None else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            test_metrics = model.test_results
+    finally:
+        _close_loggers(trainer)
+    return test_metrics, val_metrics
+
+
+def _overridden_data(cfg: DictConfig, saved: dict) -> DictConfig:
+    """The checkpoint's data config, unless the command line chose another (`data=...`), with
+    any `data.key=value` overrides applied on top."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if any(o.split("=", 1)[0].lstrip("+~") == "data" for o in overrides):
+        return cfg.data
+    data = OmegaConf.create(saved["data"])
+    dotlist = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("data.")]
+    return OmegaConf.merge(data, OmegaConf.from_dotlist([o[len("data.") :] for o in dotlist]))
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Re-test a checkpoint and write the same outputs as a training run.
+
+    The model config always comes from the checkpoint (it must match the weights); the data config
+    too, unless overridden on the command line.
+    """
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling failure means the same thing to the user
+        raise DatasetError(f"{path}: not a readable checkpoint ({err})") from None
+    saved = checkpoint.get("config")
+    if saved is None:
+        raise DatasetError(f"{path}: checkpoint holds no config (not written by train.py)")
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(saved["model"])
+        cfg.data = _overridden_data(cfg, saved)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    trainer = None
+    try:
+        trainer = build_trainer(cfg)
+        trainer.test(model, datamodule=datamodule, ckpt_path=str(path), weights_only=False)
+    finally:
+        _close_loggers(trainer)
+    return model.test_results

@@ -1,0 +1,83 @@
+"""Pure drawing functions: tensors or arrays in, images out. No Lightning, no file layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+PANEL_TITLES = ("input", "reconstruction", "anomaly map", "ground truth", "overlay")
+TITLE_HEIGHT = 14
+
+
+def to_uint8_rgb(image: Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    array = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return (array * 255.0 + 0.5).astype(np.uint8)
+
+
+def colorize(anomaly_map: Tensor, vmax: float) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 with the "jet" colormap over [0, vmax]."""
+    values = (anomaly_map.detach().float().cpu().numpy() / max(vmax, 1e-12)).clip(0, 1)
+    return (colormaps["jet"](values)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_panel(
+    image: Tensor, reconstruction: Tensor, anomaly_map: Tensor, mask: Tensor, vmax: float
+) -> np.ndarray:
+    """Five tiles side by side: input, reconstruction, anomaly map, ground truth, overlay.
+
+    Args:
+        image, reconstruction: (3, H, W) in [0, 1].
+        anomaly_map: (H, W); colours span [0, vmax] so panels of one run are comparable.
+        mask: (H, W) or (1, H, W) ground truth in {0, 1}.
+        vmax: map value shown as the hottest colour.
+
+    Returns:
+        (TITLE_HEIGHT + H, 5 * W, 3) uint8.
+    """
+    rgb = to_uint8_rgb(image)
+    heat = colorize(anomaly_map, vmax)
+    truth = (mask.detach().reshape(rgb.shape[:2]).float().cpu().numpy() > 0.5).astype(np.uint8)
+    overlay = (0.55 * rgb + 0.45 * heat).astype(np.uint8)
+    tiles = [
+        rgb,
+        to_uint8_rgb(reconstruction),
+        heat,
+        np.repeat(truth[..., None] * 255, 3, 2),
+        overlay,
+    ]
+    height, width = rgb.shape[:2]
+    canvas = Image.new("RGB", (width * len(tiles), height + TITLE_HEIGHT), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES, strict=True)):
+        canvas.paste(Image.fromarray(tile), (i * width, TITLE_HEIGHT))
+        draw.text((i * width + 2, 1), title, fill="black")
+    return np.asarray(canvas)
+
+
+def save_roc_plot(
+    fpr: np.ndarray, tpr: np.ndarray, auroc: float, title: str, path: str | Path
+) -> None:
+    """Write one ROC curve as a PNG."""
+    figure, axes = plt.subplots(figsize=(4, 4), dpi=100)
+    axes.plot(fpr, tpr, lw=1.5, label=f"AUROC = {auroc:.4f}")
+    axes.plot([0, 1], [0, 1], "k--", lw=0.8)
+    axes.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

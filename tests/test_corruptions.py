@@ -1,0 +1,328 @@
+"""Tests for anomaly.data.corruptions: mask exactness, determinism, textures, input checks."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly.data.corruptions import (
+    CHANGE_TOLERANCE,
+    TextureSource,
+    blob_mask,
+    corrupt,
+    elastic_corruption,
+    texture_corruption,
+)
+
+
+@pytest.fixture
+def fake_dtd(tmp_path: Path) -> Path:
+    """A tiny DTD tree: two categories of random JPGs and PNGs, plus a file that is no image."""
+    rng = np.random.default_rng(123)
+    for category, suffixes in (("banded", (".jpg", ".JPEG")), ("dotted", (".png", ".jpg"))):
+        folder = tmp_path / "dtd" / "images" / category
+        folder.mkdir(parents=True)
+        for index, suffix in enumerate(suffixes):
+            size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)), 3)
+            pixels = rng.integers(0, 256, size=size, dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{category}_{index}{suffix}")
+    (tmp_path / "dtd" / "images" / "banded" / "notes.txt").write_text("not an image")
+    return tmp_path / "dtd"
+
+
+@pytest.fixture(params=["procedural", "dtd"])
+def textures(request: pytest.FixtureRequest, fake_dtd: Path) -> TextureSource:
+    return TextureSource(None if request.param == "procedural" else fake_dtd)
+
+
+def random_image(seed: int, height: int = 32, width: int = 48) -> np.ndarray:
+    return np.random.default_rng(seed).random((height, width, 3), dtype=np.float32)
+
+
+def object_image(height: int = 48, width: int = 40) -> np.ndarray:
+    """Real-looking: smooth gradient background, a dark disk, a thin bright bar, mild noise."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    image = np.stack(
+        [0.6 + 0.2 * xs / width, 0.55 + 0.2 * ys / height, np.full(xs.shape, 0.7)], axis=-1
+    )
+    disk = (ys - height / 2) ** 2 + (xs - width / 2) ** 2 < (min(height, width) / 3) ** 2
+    image[disk] = (0.15, 0.1, 0.3)
+    image[height // 3 : height // 3 + 2, 4:-4] = 0.95
+    image += np.random.default_rng(7).normal(0, 0.005, image.shape)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def assert_valid_output(
+    image: np.ndarray, corrupted: np.ndarray, mask: np.ndarray, expect_change: bool = True
+) -> None:
+    """Brute-force check of the output format and of the mask exactness contract."""
+    assert corrupted.dtype == np.float32 and corrupted.shape == image.shape
+    assert mask.dtype == np.float32 and mask.shape == image.shape[:2]
+    assert np.isin(mask, (0.0, 1.0)).all()
+    assert corrupted.min() >= 0.0 and corrupted.max() <= 1.0
+    unchanged = mask == 0
+    # Bit-identical, not just close: compare the raw float32 bit patterns.
+    assert np.array_equal(corrupted[unchanged].view(np.uint32), image[unchanged].view(np.uint32))
+    changed = ~unchanged
+    for y, x in zip(*np.nonzero(changed), strict=True):
+        assert max(abs(float(corrupted[y, x, c]) - float(image[y, x, c])) for c in range(3)) > (
+            CHANGE_TOLERANCE
+        )
+    if expect_change:
+        assert changed.any()
+
+
+# --- TextureSource ---------------------------------------------------------------------------
+
+
+def test_texture_source_missing_folder_raises(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match="does not exist"):
+        TextureSource(missing)
+
+
+def test_texture_source_empty_folder_raises(tmp_path: Path) -> None:
+    (tmp_path / "images" / "banded").mkdir(parents=True)
+    (tmp_path / "images" / "banded" / "readme.txt").write_text("no images here")
+    (tmp_path / "stray.jpg").write_bytes(b"")  # outside images/<category>/, so not counted
+    with pytest.raises(ValueError, match="holds no images"):
+        TextureSource(tmp_path)
+
+
+def test_texture_source_lists_images_only(fake_dtd: Path) -> None:
+    source = TextureSource(str(fake_dtd))
+    assert len(source) == 4
+    assert {path.suffix.lower() for path in source.files} == {".jpg", ".jpeg", ".png"}
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 57), (64, 20), (1, 3)])
+def test_texture_sample_format(textures: TextureSource, height: int, width: int) -> None:
+    for seed in range(8):  # several seeds so every procedural kind is drawn
+        texture = textures.sample(np.random.default_rng(seed), height, width)
+        assert texture.shape == (height, width, 3) and texture.dtype == np.float32
+        assert texture.min() >= 0.0 and texture.max() <= 1.0
+        assert np.isfinite(texture).all()
+
+
+def test_procedural_textures_are_varied() -> None:
+    source = TextureSource(None)
+    samples = [source.sample(np.random.default_rng(seed), 32, 32) for seed in range(20)]
+    # Not flat, and not the same pattern every time.
+    assert all(sample.std() > 0.0 for sample in samples)
+    assert len({sample.tobytes() for sample in samples}) == 20
+
+
+def test_texture_sample_deterministic(textures: TextureSource) -> None:
+    first = textures.sample(np.random.default_rng(5), 20, 30)
+    again = textures.sample(np.random.default_rng(5), 20, 30)
+    other = textures.sample(np.random.default_rng(6), 20, 30)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_texture_source_pickles(textures: TextureSource) -> None:
+    textures.sample(np.random.default_rng(0), 16, 16)  # fill the cache before pickling
+    clone = pickle.loads(pickle.dumps(textures))
+    assert clone.files == textures.files
+    assert len(clone._cache) == 0
+    for seed in range(4):
+        expected = textures.sample(np.random.default_rng(seed), 16, 24)
+        assert np.array_equal(clone.sample(np.random.default_rng(seed), 16, 24), expected)
+
+
+# --- blob_mask -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (40, 64), (128, 96)])
+def test_blob_mask_area_and_format(height: int, width: int) -> None:
+    pixels = height * width
+    fractions = []
+    for seed in range(30):
+        mask = blob_mask(np.random.default_rng(seed), height, width)
+        assert mask.dtype == bool and mask.shape == (height, width)
+        count = int(mask.sum())
+        assert count >= 1
+        assert 0.005 * pixels - 1 <= count <= 0.25 * pixels + 1
+        fractions.append(count / pixels)
+    # Sizes vary: both small and large regions occur.
+    assert min(fractions) < 0.03 and max(fractions) > 0.08
+
+
+def test_blob_mask_is_local() -> None:
+    # Blobs are compact regions, not noise sprinkled over the image: pixels scattered at random
+    # would have ~4 boundary edges each, a few round blobs of 461 pixels have ~0.2-0.4.
+    for seed in range(10):
+        mask = blob_mask(np.random.default_rng(seed), 96, 96, min_area=0.05, max_area=0.05)
+        boundary = (mask[1:, :] != mask[:-1, :]).sum() + (mask[:, 1:] != mask[:, :-1]).sum()
+        assert boundary < 1.0 * mask.sum()
+
+
+def test_blob_mask_deterministic() -> None:
+    first = blob_mask(np.random.default_rng(1), 50, 30)
+    assert np.array_equal(first, blob_mask(np.random.default_rng(1), 50, 30))
+    assert not np.array_equal(first, blob_mask(np.random.default_rng(2), 50, 30))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"height": 0},
+        {"min_area": 0.0},
+        {"min_area": 0.3, "max_area": 0.2},
+        {"max_area": 1.5},
+        {"max_blobs": 0},
+    ],
+)
+def test_blob_mask_bad_arguments(kwargs: dict) -> None:
+    arguments = {"height": 16, "width": 16} | kwargs
+    with pytest.raises(ValueError):
+        blob_mask(np.random.default_rng(0), **arguments)
+
+
+# --- corruptions: mask exactness ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_texture_corruption_exact_mask(textures: TextureSource, seed: int) -> None:
+    for image in (random_image(seed), object_image()):
+        corrupted, mask = texture_corruption(image, np.random.default_rng(seed), textures)
+        assert_valid_output(image, corrupted, mask)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_elastic_corruption_exact_mask(seed: int) -> None:
+    for image in (random_image(seed), object_image()):
+        corrupted, mask = elastic_corruption(image, np.random.default_rng(seed))
+        assert_valid_output(image, corrupted, mask)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_corrupt_exact_mask(textures: TextureSource, seed: int) -> None:
+    for image in (random_image(seed), object_image()):
+        corrupted, mask = corrupt(image, np.random.default_rng(seed), textures)
+        assert_valid_output(image, corrupted, mask)
+
+
+def test_corrupt_both_corruptions_exact_mask(textures: TextureSource) -> None:
+    image = object_image(64, 64)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        corrupted, mask = corrupt(image, rng, textures, texture_prob=1.0, elastic_prob=1.0)
+        assert_valid_output(image, corrupted, mask)
+
+
+def test_corrupt_extreme_values_stay_exact(textures: TextureSource) -> None:
+    # Saturated pixels are where clipping could silently undo a change.
+    image = np.zeros((32, 32, 3), np.float32)
+    image[:, 16:] = 1.0
+    for seed in range(4):
+        corrupted, mask = corrupt(image, np.random.default_rng(seed), textures)
+        assert_valid_output(image, corrupted, mask)
+
+
+def test_elastic_changes_only_local_structure() -> None:
+    # A warp moves existing pixels around, so it cannot invent colours far outside the image's.
+    image = object_image(64, 64)
+    for seed in range(4):
+        corrupted, mask = elastic_corruption(image, np.random.default_rng(seed))
+        assert_valid_output(image, corrupted, mask)
+        assert (corrupted.min(axis=(0, 1)) >= image.min(axis=(0, 1)) - 1e-6).all()
+        assert (corrupted.max(axis=(0, 1)) <= image.max(axis=(0, 1)) + 1e-6).all()
+
+
+def test_elastic_on_flat_image_changes_nothing() -> None:
+    image = np.full((32, 32, 3), 0.4, np.float32)
+    corrupted, mask = elastic_corruption(image, np.random.default_rng(0))
+    assert_valid_output(image, corrupted, mask, expect_change=False)
+    assert not mask.any()
+
+
+def test_corrupt_texture_only_on_flat_image_changes_something(textures: TextureSource) -> None:
+    image = np.full((32, 32, 3), 0.4, np.float32)
+    rng = np.random.default_rng(0)
+    corrupted, mask = corrupt(image, rng, textures, texture_prob=1.0, elastic_prob=0.0)
+    assert_valid_output(image, corrupted, mask)
+
+
+def test_corrupt_probability_zero_is_identity(textures: TextureSource) -> None:
+    image = random_image(0)
+    rng = np.random.default_rng(0)
+    corrupted, mask = corrupt(image, rng, textures, texture_prob=0.0, elastic_prob=0.0)
+    assert np.array_equal(corrupted, image) and corrupted is not image
+    assert mask.dtype == np.float32 and mask.shape == image.shape[:2] and not mask.any()
+
+
+def test_corrupt_always_corrupts_with_small_probabilities(textures: TextureSource) -> None:
+    image = object_image()
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        corrupted, mask = corrupt(image, rng, textures, texture_prob=0.05, elastic_prob=0.05)
+        assert_valid_output(image, corrupted, mask)
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("function", ["texture", "elastic", "corrupt"])
+def test_determinism(fake_dtd: Path, function: str) -> None:
+    textures = TextureSource(fake_dtd)
+    image = object_image()
+
+    def run(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        if function == "texture":
+            return texture_corruption(image, rng, textures)
+        if function == "elastic":
+            return elastic_corruption(image, rng)
+        return corrupt(image, rng, textures)
+
+    corrupted, mask = run(11)
+    again, again_mask = run(11)
+    assert np.array_equal(corrupted, again) and np.array_equal(mask, again_mask)
+    other, other_mask = run(12)
+    assert not np.array_equal(corrupted, other)
+    assert not np.array_equal(mask, other_mask)
+
+
+# --- input checks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((8, 8), np.float32), "shape"),
+        (np.zeros((8, 8, 4), np.float32), "shape"),
+        (np.zeros((8, 8, 3), np.float64), "float32"),
+        (np.full((8, 8, 3), 1.5, np.float32), r"\[0, 1\]"),
+        (np.full((8, 8, 3), np.nan, np.float32), r"\[0, 1\]"),
+    ],
+)
+def test_bad_images_raise(image: np.ndarray, message: str) -> None:
+    textures = TextureSource(None)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=message):
+        corrupt(image, rng, textures)
+    with pytest.raises(ValueError, match=message):
+        texture_corruption(image, rng, textures)
+    with pytest.raises(ValueError, match=message):
+        elastic_corruption(image, rng)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"texture_prob": -0.1}, {"elastic_prob": 1.5}, {"texture_prob": float("nan")}]
+)
+def test_bad_probabilities_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="prob"):
+        corrupt(random_image(0), np.random.default_rng(0), TextureSource(None), **kwargs)
+
+
+def test_bad_corruption_ranges_raise() -> None:
+    image, rng, textures = random_image(0), np.random.default_rng(0), TextureSource(None)
+    with pytest.raises(ValueError, match="opacity"):
+        texture_corruption(image, rng, textures, min_opacity=0.9, max_opacity=0.1)
+    with pytest.raises(ValueError, match="strength"):
+        elastic_corruption(image, rng, min_strength=-1.0)

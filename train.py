@@ -1,0 +1,35 @@
+"""Train a model, then test its best checkpoint: `python train.py [group=option] [key=value]`.
+
+Examples:
+    python train.py                         # Model II (SDC-CCM) on the built-in synthetic data
+    python train.py model=residual_ae       # Model I
+    python train.py data=mvtec data.root=/data/mvtec data.category=capsule
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from anomaly.tasks import USER_ERRORS, format_metrics, one_line, train
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        test_metrics, val_metrics = train(cfg)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {one_line(error)}")
+    if test_metrics:
+        log.info("test metrics:\n%s", format_metrics(test_metrics))
+    # A sweeper optimizes a validation metric: choosing on the test split would leak it.
+    return val_metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
