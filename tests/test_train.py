@@ -1,0 +1,91 @@
+"""train.py and eval.py end to end, as a user runs them, on tiny built-in data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max"}
+DEFECTS = {"crack", "faulty_imprint", "poke", "scratch", "squeeze"}
+
+
+def tiny_settings(data_dir: Path, run_dir: Path) -> list[str]:
+    """Overrides for a run of seconds: 32 px data, a few batches, one or two epochs."""
+    return [
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        "data.image_size=32",
+        "data.synthetic.size=32",
+        "data.batch_size=8",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=3",
+        "callbacks.test_results.num_heatmaps=1",
+    ]
+
+
+def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    command = [sys.executable, str(ROOT / script), *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def check_outputs(run_dir: Path, model: str) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert all(0.0 <= metrics[key] <= 1.0 for key in METRIC_KEYS)
+    assert set(metrics["per_defect"]) == DEFECTS
+    assert (metrics["model"], metrics["category"], metrics["image_size"]) == (model, "capsule", 32)
+    assert metrics["num_test_images"] == 132
+    with open(run_dir / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 132 and set(rows[0]) == {"path", "defect_type", "label", "score"}
+    assert {row["defect_type"] for row in rows} == DEFECTS | {"good"}
+    assert all(row["label"] == str(int(row["defect_type"] != "good")) for row in rows)
+    panels = sorted(p.name for p in (run_dir / "heatmaps").glob("*.png"))
+    assert len(panels) == 6 and any(name.startswith("crack_") for name in panels)
+    assert (run_dir / "roc_image.png").is_file() and (run_dir / "roc_pixel.png").is_file()
+    return metrics
+
+
+@pytest.mark.parametrize("model", ["residual_ae", "sdc_ccm"])
+def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_dir, model):
+    train_dir = tmp_path / "train"
+    done = run("train.py", f"model={model}", *tiny_settings(data_dir, train_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = check_outputs(train_dir, model)
+    assert (train_dir / "checkpoints" / "last.ckpt").is_file()
+    best = [p for p in (train_dir / "checkpoints").glob("epoch_*.ckpt")]
+    assert len(best) == 1
+    eval_dir = tmp_path / "eval"
+    done = run("eval.py", f"ckpt_path={best[0]}", f"hydra.run.dir={eval_dir}",
+               "callbacks.test_results.num_heatmaps=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((eval_dir / "metrics.json").read_text()) == metrics
+    assert (eval_dir / "scores.csv").read_text() == (train_dir / "scores.csv").read_text()
+
+
+def test_missing_data_root_is_one_line_error(tmp_path):
+    done = run("train.py", "data=mvtec", f"data.root={tmp_path / 'nowhere'}",
+               f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "nowhere" in last and "does not exist" in last
+
+
+def test_eval_of_a_missing_checkpoint_is_one_line_error(tmp_path):
+    done = run("eval.py", f"ckpt_path={tmp_path / 'no.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error:")
