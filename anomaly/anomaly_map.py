@@ -43,6 +43,11 @@ class AnomalyScorer(nn.Module):
     score = max of the smoothed map, or the mean of its `top_k` largest pixels when top_k is set.
     Every term lies in [0, 1], so a map lies in [0, l2_weight + ssim_weight + gms_weight].
 
+    With `standardize_score`, the score is taken from the map standardized per pixel by the
+    mean and spread of the maps of held-out normal images (`fit_normal_statistics`), so places
+    that are always hard to reconstruct (edges, prints) stop dominating the image score. The
+    returned map stays the raw one.
+
     Args:
         l2_weight: weight of the squared error averaged over channels.
         ssim_weight: weight of the structural dissimilarity (Wang et al. 2004).
@@ -50,6 +55,7 @@ class AnomalyScorer(nn.Module):
             RIAD 2021; DRAEM's ablation found the map function worth several AUROC points).
         sigma: Gaussian smoothing in pixels (4 by default).
         top_k: image score = mean of the top-k map pixels instead of the maximum.
+        standardize_score: score the map standardized by normal-image statistics once fitted.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class AnomalyScorer(nn.Module):
         gms_weight: float = 0.0,
         sigma: float = 4.0,
         top_k: int | None = None,
+        standardize_score: bool = False,
     ) -> None:
         super().__init__()
         weights = {"l2_weight": l2_weight, "ssim_weight": ssim_weight, "gms_weight": gms_weight}
@@ -67,9 +74,35 @@ class AnomalyScorer(nn.Module):
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be a positive number of pixels, got {top_k}")
         self.l2_weight, self.ssim_weight, self.gms_weight = l2_weight, ssim_weight, gms_weight
-        self.sigma, self.top_k = sigma, top_k
+        self.sigma, self.top_k, self.standardize_score = sigma, top_k, standardize_score
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
+        # Per-pixel statistics of normal maps (H, W); empty until fitted. Saved in checkpoints.
+        self.register_buffer("normal_mean", torch.empty(0))
+        self.register_buffer("normal_std", torch.empty(0))
+
+    @property
+    def has_normal_statistics(self) -> bool:
+        return self.normal_mean.numel() > 0
+
+    def fit_normal_statistics(self, count: Tensor, total: Tensor, total_sq: Tensor) -> None:
+        """Store the per-pixel mean and spread of normal maps from their running sums.
+
+        Args:
+            count: number of normal maps (0-dim).
+            total, total_sq: (H, W) sums of the maps and of their squares.
+        """
+        mean = total / count
+        std = (total_sq / count - mean**2).clamp(min=0).sqrt()
+        # The spread is floored by its average so nearly constant pixels cannot blow up.
+        self.normal_mean, self.normal_std = mean, std + std.mean()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The statistics' shape depends on the image size: take it from the checkpoint.
+        for name in ("normal_mean", "normal_std"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def max_value(self) -> float:
@@ -98,6 +131,13 @@ class AnomalyScorer(nn.Module):
         if self.sigma > 0:
             maps = gaussian_blur(maps, self.kernel)
         flat = maps.flatten(1)
+        if self.standardize_score and self.has_normal_statistics:
+            if self.normal_mean.shape != maps.shape[1:]:
+                raise ValueError(
+                    f"normal statistics were fitted at {tuple(self.normal_mean.shape)} pixels but "
+                    f"the maps are {tuple(maps.shape[1:])}; use the training image size"
+                )
+            flat = ((maps - self.normal_mean) / self.normal_std).flatten(1)
         if self.top_k is None:
             scores = flat.amax(dim=1)
         else:

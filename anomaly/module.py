@@ -111,11 +111,19 @@ class ReconstructionModule(LightningModule):
             metrics["image_f1_max"].update(output["pred_score"], labels)
             metrics["pixel_f1_max"].update(output["anomaly_map"], masks)
 
+    def on_validation_epoch_start(self) -> None:
+        self._normal_sums: list[Tensor] = []
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         output = self(batch["image"])
         self._update(self.val_metrics, batch, output)
         normal = batch["label"] == 0
         if normal.any():
+            maps = output["anomaly_map"][normal].double()
+            sums = [maps.new_tensor(float(len(maps))), maps.sum(0), maps.pow(2).sum(0)]
+            if self._normal_sums:
+                sums = [a + b for a, b in zip(self._normal_sums, sums, strict=True)]
+            self._normal_sums = sums
             # Reconstruction loss of the held-out normals: a signal that needs no anomalies.
             loss, _ = self.loss(output["reconstruction"][normal], batch["image"][normal], None)
             self.log("val/loss", loss, on_epoch=True, batch_size=int(normal.sum()), sync_dist=True)
@@ -124,6 +132,11 @@ class ReconstructionModule(LightningModule):
         for key, metric in self.val_metrics.items():
             self.log(f"val/{key}", metric.compute(), prog_bar=key == "image_auroc")
             metric.reset()
+        if self._normal_sums and not self.trainer.sanity_checking:
+            # Statistics of the held-out normals' maps, summed over all ranks, for the next
+            # scores (and saved with this epoch's checkpoint).
+            sums = [self.trainer.strategy.reduce(t, reduce_op="sum") for t in self._normal_sums]
+            self.scorer.fit_normal_statistics(*(t.float() for t in sums))
 
     def on_test_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

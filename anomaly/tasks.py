@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import netrc
+import os
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from anomaly.callbacks import ConfigInCheckpoint
@@ -40,9 +44,49 @@ def instantiate_group(config: DictConfig | None) -> list:
     return [instantiate(entry) for entry in config.values() if "_target_" in entry]
 
 
+def wandb_has_credentials() -> bool:
+    """True when wandb could log in without asking: an API key in the environment or netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def prepare_wandb(cfg: DictConfig) -> None:
+    """Make wandb run offline (never prompt) when it is configured but not logged in."""
+    uses_wandb = any(
+        "Wandb" in str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values()
+    )
+    if uses_wandb and not wandb_has_credentials():
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def prepare_ddp_launch(cfg: DictConfig) -> None:
+    """Let Lightning's DDP launcher start the other ranks of a Hydra multirun job correctly.
+
+    The launcher re-runs this script with the original command line, which under `-m` would start
+    the whole sweep again in every rank, each in a new folder. Instead each rank must re-run this
+    job alone, in this job's folder.
+    """
+    if not HydraConfig.initialized() or cfg.trainer.get("strategy") not in ("ddp", "ddp_find"):
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> Trainer:
+    prepare_wandb(cfg)
+    prepare_ddp_launch(cfg)
     callbacks: list[Callback] = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks)
     loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
@@ -88,9 +132,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_score is not None:
             val_metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"best_checkpoint": best})
         test_metrics = {}
         if cfg.get("test", True):
-            best = checkpoint.best_model_path if checkpoint is not None else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
             test_metrics = model.test_results
     finally:

@@ -28,6 +28,10 @@ from PIL import Image
 # A change below one 8-bit grey level is invisible once the image is quantised, so such pixels
 # must not be labelled as anomalous.
 CHANGE_TOLERANCE = 1.0 / 255.0
+# Blob shapes of `corrupt`: covered fraction of the image, and the largest length/width ratio.
+# Small and thin shapes too: real defects are often scratches and cracks a few pixels wide.
+AREA_RANGE = (0.001, 0.2)
+MAX_ASPECT = 12.0
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Decoded DTD images are at most ~640x640x3 bytes; 32 of them bound each worker to ~40 MB.
@@ -283,7 +287,8 @@ def blob_mask(
     for _ in range(blobs):
         centre_y, centre_x = rng.uniform(0, height), rng.uniform(0, width)
         angle = rng.uniform(0.0, math.pi)
-        elongation = math.sqrt(math.exp(rng.uniform(-math.log(3.0), math.log(3.0))))
+        log_aspect = math.log(MAX_ASPECT)
+        elongation = math.sqrt(math.exp(rng.uniform(-log_aspect, log_aspect)))
         size = radius * rng.uniform(0.6, 1.4)
         cos, sin = math.cos(angle), math.sin(angle)
         along = ((xs - centre_x) * cos + (ys - centre_y) * sin) / (size * elongation)
@@ -465,7 +470,7 @@ def corrupt(
     if texture_prob == 0.0 and elastic_prob == 0.0:
         return image.copy(), np.zeros(image.shape[:2], np.float32)
 
-    area_range = (0.005, 0.25)
+    area_range = AREA_RANGE
     for _ in range(_CORRUPT_TRIES):
         use_texture, use_elastic = False, False
         while not (use_texture or use_elastic):

@@ -1,0 +1,109 @@
+"""Turn a sweep (or any folder of runs) into one results table: `python -m anomaly.report DIR`.
+
+One row per run (every folder below DIR holding a `metrics.json`): the command-line overrides
+that differ between runs as columns, then the metrics. When several categories are present, a
+mean row per model follows, the shape of a paper's results table. Writes `report.md` and
+`report.csv` into DIR and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
+
+
+def read_overrides(run_dir: Path) -> dict[str, str]:
+    """The `key=value` overrides Hydra recorded for a run (empty when there are none)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    overrides = yaml.safe_load(path.read_text()) or []
+    pairs = (item.lstrip("+~").split("=", 1) for item in overrides)
+    return {pair[0]: pair[1] if len(pair) == 2 else "" for pair in pairs}
+
+
+def collect_runs(folder: Path) -> list[dict]:
+    """Every run below `folder`: its overrides, model, category and metrics."""
+    runs = []
+    for path in sorted(folder.rglob("metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not a readable metrics file ({error})") from None
+        runs.append(
+            {
+                "run": str(path.parent.relative_to(folder)) or ".",
+                "overrides": read_overrides(path.parent),
+                "model": metrics.get("model"),
+                "category": metrics.get("category"),
+                **{key: metrics.get(key) for key in METRICS},
+            }
+        )
+    return runs
+
+
+def build_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: run, differing overrides, model, category, metrics; then model means."""
+    keys = sorted({key for run in runs for key in run["overrides"]})
+    varying = [k for k in keys if len({run["overrides"].get(k) for run in runs}) > 1]
+    header = ["run", *varying, "model", "category", *METRICS]
+    rows = []
+    for run in runs:
+        values = [f"{run[m]:.4f}" if run[m] is not None else "" for m in METRICS]
+        cells = [run["overrides"].get(key, "") for key in varying]
+        rows.append([run["run"], *cells, str(run["model"]), str(run["category"]), *values])
+    if len({run["category"] for run in runs}) > 1:
+        by_model: dict[str, list[dict]] = defaultdict(list)
+        for run in runs:
+            by_model[str(run["model"])].append(run)
+        for model, group in sorted(by_model.items()):
+            means = []
+            for metric in METRICS:
+                values = [run[metric] for run in group if run[metric] is not None]
+                means.append(f"{sum(values) / len(values):.4f}" if values else "")
+            rows.append(["mean", *[""] * len(varying), model, f"{len(group)} runs", *means])
+    return header, rows
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m anomaly.report DIR", file=sys.stderr)
+        return 2
+    folder = Path(argv[0])
+    if not folder.is_dir():
+        print(f"error: {folder}: folder does not exist", file=sys.stderr)
+        return 1
+    try:
+        runs = collect_runs(folder)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not runs:
+        print(f"error: {folder}: no metrics.json below this folder", file=sys.stderr)
+        return 1
+    header, rows = build_table(runs)
+    markdown = to_markdown(header, rows)
+    (folder / "report.md").write_text(markdown)
+    with open(folder / "report.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    print(markdown, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
