@@ -43,7 +43,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def check_outputs(run_dir: Path, model: str) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics) >= METRIC_KEYS
     assert all(0.0 <= metrics[key] <= 1.0 for key in METRIC_KEYS)
     assert set(metrics["per_defect"]) == DEFECTS
     assert (metrics["model"], metrics["category"], metrics["image_size"]) == (model, "capsule", 32)
@@ -69,16 +69,24 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
     best = [p for p in (train_dir / "checkpoints").glob("epoch_*.ckpt")]
     assert len(best) == 1
     eval_dir = tmp_path / "eval"
-    done = run("eval.py", f"ckpt_path={best[0]}", f"hydra.run.dir={eval_dir}",
-               "callbacks.test_results.num_heatmaps=1")
+    done = run(
+        "eval.py",
+        f"ckpt_path={best[0]}",
+        f"hydra.run.dir={eval_dir}",
+        "callbacks.test_results.num_heatmaps=1",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((eval_dir / "metrics.json").read_text()) == metrics
     assert (eval_dir / "scores.csv").read_text() == (train_dir / "scores.csv").read_text()
 
 
 def test_missing_data_root_is_one_line_error(tmp_path):
-    done = run("train.py", "data=mvtec", f"data.root={tmp_path / 'nowhere'}",
-               f"hydra.run.dir={tmp_path / 'run'}")
+    done = run(
+        "train.py",
+        "data=mvtec",
+        f"data.root={tmp_path / 'nowhere'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
