@@ -52,7 +52,10 @@ def collect_runs(folder: Path) -> list[dict]:
 def build_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: run, differing overrides, model, category, metrics; then model means."""
     keys = sorted({key for run in runs for key in run["overrides"]})
-    varying = [k for k in keys if len({run["overrides"].get(k) for run in runs}) > 1]
+    # The model column comes from metrics.json: `model=...` overrides need no column of their own.
+    varying = [
+        k for k in keys if k != "model" and len({run["overrides"].get(k) for run in runs}) > 1
+    ]
     header = ["run", *varying, "model", "category", *METRICS]
     rows = []
     for run in runs:

@@ -56,3 +56,37 @@ def test_bad_weights_raise():
         AnomalyScorer(0, 0, 0)
     with pytest.raises(ValueError, match="top_k"):
         AnomalyScorer(top_k=0)
+
+
+def fitted_scorer(normal_maps: torch.Tensor, **kwargs) -> AnomalyScorer:
+    scorer = AnomalyScorer(sigma=0, standardize_score=True, **kwargs)
+    maps = normal_maps.double()
+    scorer.fit_normal_statistics(
+        torch.tensor(float(len(maps))), maps.sum(0).float(), maps.pow(2).sum(0).float()
+    )
+    return scorer
+
+
+def test_standardized_score_uses_normal_statistics_and_keeps_the_raw_map():
+    torch.manual_seed(3)
+    normal_maps = torch.rand(20, 8, 8)
+    scorer = fitted_scorer(normal_maps)
+    std = normal_maps.double().std(0, unbiased=False).float()
+    assert torch.allclose(scorer.normal_mean, normal_maps.mean(0), atol=1e-6)
+    assert torch.allclose(scorer.normal_std, std + std.mean(), atol=1e-5)
+    image, reconstruction = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    maps, scores = scorer(image, reconstruction)
+    raw_maps, _ = AnomalyScorer(sigma=0)(image, reconstruction)
+    assert torch.equal(maps, raw_maps)
+    expected = ((raw_maps - normal_maps.mean(0)) / (std + std.mean())).flatten(1).amax(1)
+    assert torch.allclose(scores, expected, atol=1e-4)
+
+
+def test_normal_statistics_travel_in_the_state_dict_and_must_match_the_size():
+    scorer = fitted_scorer(torch.rand(5, 8, 8))
+    fresh = AnomalyScorer(sigma=0, standardize_score=True)
+    assert not fresh.has_normal_statistics
+    fresh.load_state_dict(scorer.state_dict())
+    assert torch.equal(fresh.normal_mean, scorer.normal_mean)
+    with pytest.raises(ValueError, match="fitted at"):
+        fresh(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16))
