@@ -9,9 +9,11 @@ Examples:
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from anomaly.tasks import USER_ERRORS, format_metrics, one_line, train
@@ -25,6 +27,12 @@ def main(cfg: DictConfig) -> float | None:
         test_metrics, val_metrics = train(cfg)
     except USER_ERRORS as error:
         sys.exit(f"error: {one_line(error)}")
+    except SIGTERMException:
+        # Preempted: last.ckpt is saved; the same command in the same folder resumes.
+        log.warning(
+            "stopped by SIGTERM; last.ckpt saved, rerun in %s to resume", cfg.paths.output_dir
+        )
+        sys.exit(128 + signal.SIGTERM)
     if test_metrics:
         log.info("test metrics:\n%s", format_metrics(test_metrics))
     # A sweeper optimizes a validation metric: choosing on the test split would leak it.

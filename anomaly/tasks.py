@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
@@ -59,8 +60,8 @@ def prepare_wandb(cfg: DictConfig) -> None:
     uses_wandb = any(
         "Wandb" in str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values()
     )
-    if uses_wandb and not wandb_has_credentials():
-        os.environ.setdefault("WANDB_MODE", "offline")
+    if uses_wandb and not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
 
 
 def prepare_ddp_launch(cfg: DictConfig) -> None:
@@ -111,6 +112,23 @@ def _close_loggers(trainer: Trainer | None) -> None:
             experiment.finish()
 
 
+@rank_zero_only
+def save_resolved_config(cfg: DictConfig) -> None:
+    """Write the fully resolved config next to Hydra's (which keeps interpolations)."""
+    folder = Path(cfg.paths.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config_resolved.yaml", resolve=True)
+
+
+def resumable_checkpoint(output_dir: str) -> str | None:
+    """`last.ckpt` of this run directory when it exists: a requeued (preempted) job continues."""
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit a model, then test its best checkpoint.
 
@@ -118,12 +136,16 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         (test metrics as written to metrics.json, validation metrics of the best checkpoint).
     """
     L.seed_everything(cfg.seed, workers=True)
+    save_resolved_config(cfg)
+    ckpt_path = cfg.get("ckpt_path") or resumable_checkpoint(cfg.paths.output_dir)
+    if ckpt_path not in (None, "last", "hpc") and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"{ckpt_path}: checkpoint to resume from does not exist")
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     trainer = None
     try:
         trainer = build_trainer(cfg, [ConfigInCheckpoint(cfg)])
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         val_metrics = {
             key: float(value)
             for key, value in trainer.callback_metrics.items()

@@ -30,8 +30,8 @@ def tiny_settings(data_dir: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+def run(script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     command = [sys.executable, str(ROOT / script), *overrides]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
 

@@ -1,0 +1,202 @@
+"""Experiment platform: sweeps and their report, wandb offline, DDP on CPU, resume, seeds.
+
+Slow: each test runs train.py or eval.py as a user does, several times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_tree
+from tests.test_train import ROOT, run, tiny_settings
+
+pytestmark = pytest.mark.slow
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_multirun_gives_one_folder_per_job_and_one_report(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    done = run(
+        "train.py",
+        "-m",
+        "model=residual_ae,sdc_ccm",
+        "seed=0",
+        f"hydra.sweep.dir={sweep}",
+        *settings,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = {metrics_of(sweep / job)["model"] for job in ("0", "1")}
+    assert models == {"residual_ae", "sdc_ccm"}
+    report = subprocess.run(
+        [sys.executable, "-m", "anomaly.report", str(sweep)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    lines = report.strip().splitlines()
+    assert len(lines) == 4 and "residual_ae" in lines[2] + lines[3] and "sdc_ccm" in report
+    assert (sweep / "report.csv").is_file()
+
+
+def test_wandb_without_credentials_runs_offline_and_keeps_the_metrics(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    done = run("train.py", "logger=wandb", *tiny_settings(data_dir, run_dir), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    # The offline log is wandb's binary record file; metric keys and JSON values are in it.
+    records = runs[0].read_bytes()
+    metrics = metrics_of(run_dir)
+    assert json.dumps(metrics["image_auroc"]).encode() in records
+    for key in (b"test/image_auroc", b"val/pixel_aupro", b"train/loss", b"best_checkpoint"):
+        assert key in records, key
+    assert list((runs[0].parent / "files" / "media" / "images").rglob("*.png"))  # heatmaps
+
+
+def test_ddp_sim_test_metrics_equal_single_process(tmp_path):
+    # An odd number of test images: a padding sampler would count one image twice.
+    write_tree(
+        tmp_path / "data",
+        category="odd",
+        num_train=10,
+        num_good=3,
+        defects={"dent": 2, "scratch": 2},
+        size=(32, 32),
+    )
+    train_dir = tmp_path / "train"
+    done = run(
+        "train.py",
+        "model=residual_ae",
+        "data=mvtec",
+        f"data.root={tmp_path / 'data'}",
+        "data.category=odd",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={train_dir}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = train_dir / "checkpoints" / "last.ckpt"
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    done = run("eval.py", f"ckpt_path={checkpoint}", f"hydra.run.dir={single}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run("eval.py", f"ckpt_path={checkpoint}", "trainer=ddp_sim", f"hydra.run.dir={ddp}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = metrics_of(single), metrics_of(ddp)
+    assert got["num_test_images"] == expected["num_test_images"] == 7
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+    for name, value in expected["per_defect"].items():
+        assert got["per_defect"][name] == pytest.approx(value, abs=1e-6)
+    assert (ddp / "scores.csv").read_text() == (single / "scores.csv").read_text()
+
+
+def test_same_seed_twice_gives_identical_metrics(tmp_path, data_dir):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for run_dir in (first, second):
+        done = run("train.py", "seed=3", *tiny_settings(data_dir, run_dir))
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics_of(first) == metrics_of(second)
+    resolved = (first / "config_resolved.yaml").read_text()
+    assert "${" not in resolved and "seed: 3" in resolved
+
+
+def start_train(overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert process.poll() is None, "training ended before the checkpoint appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the write finish
+
+
+def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, data_dir):
+    settings = [
+        *tiny_settings(data_dir, tmp_path / "x")[:-4],
+        "trainer.max_epochs=4",
+        "+trainer.limit_train_batches=3",
+        "callbacks.test_results.num_heatmaps=1",
+    ]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    done = run("train.py", *settings, f"hydra.run.dir={whole}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = start_train([*settings, f"hydra.run.dir={resumed}"])
+    wait_for(resumed / "checkpoints" / "last.ckpt", process)
+    process.kill()  # a hard kill: only the last end-of-epoch checkpoint survives
+    process.wait()
+    assert not (resumed / "metrics.json").exists()
+    last = resumed / "checkpoints" / "last.ckpt"
+    done = run(
+        "train.py", *settings, f"hydra.run.dir={tmp_path / 'continued'}", f"ckpt_path={last}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics_of(tmp_path / "continued") == metrics_of(whole)
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_in_the_same_folder_resumes(tmp_path, data_dir):
+    run_dir = tmp_path / "job"
+    settings = [
+        *tiny_settings(data_dir, run_dir)[:-4],
+        "trainer.max_epochs=3",
+        "callbacks.test_results.num_heatmaps=1",
+    ]
+    process = start_train(settings)
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    first = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0 or not (run_dir / "metrics.json").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns >= first
+    done = run("train.py", *settings)  # a requeued job: same command, same folder
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout + done.stderr
+    assert metrics_of(run_dir)["num_test_images"] == 132
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="hydra-submitit-launcher (extra 'cluster') not installed",
+)
+def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    done = run(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.timeout_min=10",
+        *settings,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
