@@ -200,3 +200,15 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
+
+
+def test_ddp_sim_under_multirun_keeps_one_folder_per_job(tmp_path, data_dir):
+    sweep, logs = tmp_path / "sweep", tmp_path / "logs"
+    settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    done = run("train.py", "-m", "trainer=ddp_sim", "seed=1,2", f"hydra.sweep.dir={sweep}",
+               f"paths.log_dir={logs}", *settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    assert all(metrics_of(sweep / job)["num_test_images"] == 132 for job in jobs)
+    assert not logs.exists()  # no rank started a sweep or a run folder of its own
