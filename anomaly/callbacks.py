@@ -93,7 +93,9 @@ class TestResultsWriter(Callback):
             writer.writeheader()
             writer.writerows(rows)
         self._save_roc_plots(rows, pixels, metrics)
-        images = self._save_panels(panels, max((row["score"] for row in rows), default=1.0))
+        # One colour scale for every panel of the run: the hottest map pixel of the test set.
+        vmax = max((float(anomaly_map.max()) for anomaly_map, _ in pixels), default=1.0)
+        images = self._save_panels(panels, vmax)
         log_images(trainer, images)
 
     @staticmethod

@@ -205,8 +205,15 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
 def test_ddp_sim_under_multirun_keeps_one_folder_per_job(tmp_path, data_dir):
     sweep, logs = tmp_path / "sweep", tmp_path / "logs"
     settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
-    done = run("train.py", "-m", "trainer=ddp_sim", "seed=1,2", f"hydra.sweep.dir={sweep}",
-               f"paths.log_dir={logs}", *settings)
+    done = run(
+        "train.py",
+        "-m",
+        "trainer=ddp_sim",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={logs}",
+        *settings,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]

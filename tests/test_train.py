@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from anomaly.visualization import TITLE_HEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max"}
@@ -55,6 +59,11 @@ def check_outputs(run_dir: Path, model: str) -> dict:
     assert all(row["label"] == str(int(row["defect_type"] != "good")) for row in rows)
     panels = sorted(p.name for p in (run_dir / "heatmaps").glob("*.png"))
     assert len(panels) == 6 and any(name.startswith("crack_") for name in panels)
+    # The anomaly-map tiles share one colour scale that spans the test maps: not one flat colour.
+    heat = [np.asarray(Image.open(run_dir / "heatmaps" / name)) for name in panels]
+    width = heat[0].shape[1] // 5
+    colours = np.concatenate([h[TITLE_HEIGHT:, 2 * width : 3 * width].reshape(-1, 3) for h in heat])
+    assert len(np.unique(colours, axis=0)) > 20
     assert (run_dir / "roc_image.png").is_file() and (run_dir / "roc_pixel.png").is_file()
     return metrics
 

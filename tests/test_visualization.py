@@ -1,0 +1,24 @@
+"""Heatmap panels: layout and colour scale."""
+
+from __future__ import annotations
+
+import torch
+
+from anomaly.visualization import TITLE_HEIGHT, heatmap_panel
+
+
+def test_panel_layout_and_hottest_colour_where_the_map_peaks():
+    image = torch.rand(3, 20, 30)
+    anomaly_map = torch.zeros(20, 30)
+    anomaly_map[5, 7] = 2.0
+    mask = torch.zeros(1, 20, 30)
+    mask[0, 5, 7] = 1
+    panel = heatmap_panel(image, image, anomaly_map, mask, vmax=2.0)
+    assert panel.shape == (TITLE_HEIGHT + 20, 5 * 30, 3)
+    heat = panel[TITLE_HEIGHT:, 60:90].astype(int)
+    red, blue = heat[5, 7], heat[0, 0]
+    assert (
+        red[0] > 100 and red[2] < 50 and blue[2] > 100 and blue[0] < 50
+    )  # jet: hot red, cold blue
+    truth = panel[TITLE_HEIGHT:, 90:120]
+    assert (truth[5, 7] == 255).all() and truth.sum() == 3 * 255
