@@ -144,7 +144,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, data_dir):
     settings = [
         *tiny_settings(data_dir, tmp_path / "x")[:-4],
         "trainer.max_epochs=4",
-        "+trainer.limit_train_batches=3",
+        "trainer.limit_train_batches=3",
         "callbacks.test_results.num_heatmaps=1",
     ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"

@@ -29,7 +29,7 @@ def tiny_settings(data_dir: Path, run_dir: Path) -> list[str]:
         "data.synthetic.size=32",
         "data.batch_size=8",
         "trainer.max_epochs=2",
-        "+trainer.limit_train_batches=3",
+        "trainer.limit_train_batches=3",
         "callbacks.test_results.num_heatmaps=1",
     ]
 
