@@ -71,7 +71,7 @@ def prepare_ddp_launch(cfg: DictConfig) -> None:
     the whole sweep again in every rank, each in a new folder. Instead each rank must re-run this
     job alone, in this job's folder.
     """
-    if not HydraConfig.initialized() or cfg.trainer.get("strategy") not in ("ddp", "ddp_find"):
+    if not HydraConfig.initialized() or not str(cfg.trainer.get("strategy")).startswith("ddp"):
         return
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
