@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,18 @@ class TestResultsWriter(Callback):
     @staticmethod
     def metrics_record(trainer: Trainer, pl_module: LightningModule, num_images: int) -> dict:
         datamodule = trainer.datamodule
+        results = dict(pl_module.test_results)
+        # An undefined metric (e.g. a defect type missing from the tested images) is null: JSON
+        # has no NaN.
+        results["per_defect"] = {
+            name: None if math.isnan(value) else value
+            for name, value in results.get("per_defect", {}).items()
+        }
+        for key, value in results.items():
+            if isinstance(value, float) and math.isnan(value):
+                results[key] = None
         return {
-            **pl_module.test_results,
+            **results,
             "model": getattr(pl_module, "name", type(pl_module).__name__),
             "category": getattr(datamodule, "category", None),
             "image_size": getattr(datamodule, "image_size", None),

@@ -64,11 +64,13 @@ def heatmap_panel(
 
 
 def save_roc_plot(
-    fpr: np.ndarray, tpr: np.ndarray, auroc: float, title: str, path: str | Path
+    fpr: np.ndarray, tpr: np.ndarray, auroc: float | None, title: str, path: str | Path
 ) -> None:
     """Write one ROC curve as a PNG."""
     figure, axes = plt.subplots(figsize=(4, 4), dpi=100)
-    axes.plot(fpr, tpr, lw=1.5, label=f"AUROC = {auroc:.4f}")
+    axes.plot(
+        fpr, tpr, lw=1.5, label="AUROC undefined" if auroc is None else f"AUROC = {auroc:.4f}"
+    )
     axes.plot([0, 1], [0, 1], "k--", lw=0.8)
     axes.set(
         xlabel="false positive rate",

@@ -22,3 +22,23 @@ def test_panel_layout_and_hottest_colour_where_the_map_peaks():
     )  # jet: hot red, cold blue
     truth = panel[TITLE_HEIGHT:, 90:120]
     assert (truth[5, 7] == 255).all() and truth.sum() == 3 * 255
+
+
+def test_undefined_metrics_are_written_as_null():
+    from types import SimpleNamespace
+
+    from anomaly.callbacks import TestResultsWriter
+
+    module = SimpleNamespace(
+        name="m",
+        test_results={
+            "image_auroc": float("nan"),
+            "pixel_auroc": 0.5,
+            "per_defect": {"crack": float("nan"), "poke": 0.75},
+        },
+    )
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(category="c", image_size=32))
+    record = TestResultsWriter.metrics_record(trainer, module, 3)
+    assert record["image_auroc"] is None and record["pixel_auroc"] == 0.5
+    assert record["per_defect"] == {"crack": None, "poke": 0.75}
+    assert record["num_test_images"] == 3 and record["model"] == "m"
