@@ -145,7 +145,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer = None
     try:
         trainer = build_trainer(cfg, [ConfigInCheckpoint(cfg)])
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         val_metrics = {
             key: float(value)
             for key, value in trainer.callback_metrics.items()
