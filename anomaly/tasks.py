@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import netrc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -102,8 +104,31 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def isolated_job(task: Callable) -> Callable:
+    """Run a task so that the next Hydra multirun job in this process starts clean.
+
+    Lightning's DDP launcher leaves MASTER_PORT, LOCAL_RANK, WORLD_SIZE... in the environment of
+    the process that launched the ranks; a second job would take them for an external launcher's
+    and wait for ranks that never come. Variables set before the job (SLURM, torchrun) are kept.
+    """
+
+    @functools.wraps(task)
+    def run(*args, **kwargs):
+        saved = dict(os.environ)
+        try:
+            return task(*args, **kwargs)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    return run
+
+
 def _close_loggers(trainer: Trainer | None) -> None:
-    """Finish wandb runs so each multirun job logs to its own run, even when a job fails."""
+    """Finish wandb runs so each multirun job logs to its own run, even when a job fails, and
+    end the job's process group, so the next multirun job in this process starts its own."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if trainer is None:
         return
     for logger in trainer.loggers:
@@ -129,6 +154,7 @@ def resumable_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+@isolated_job
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit a model, then test its best checkpoint.
 
@@ -177,6 +203,7 @@ def _overridden_data(cfg: DictConfig, saved: dict) -> DictConfig:
     return OmegaConf.merge(data, OmegaConf.from_dotlist([o[len("data.") :] for o in dotlist]))
 
 
+@isolated_job
 def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
 
