@@ -63,6 +63,8 @@ class ReconstructionModule(LightningModule):
         self.test_per_defect: PerGroupAUROC | None = None
         self.defect_types: list[str] = []
         self.test_results: dict = {}
+        # Running (count, sum, sum of squares) of held-out normal maps during validation.
+        self._normal_sums: list[Tensor] = []
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """Reconstruct and score a batch: the inference path for test, predict and export.

@@ -28,13 +28,18 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+def sweep_settings(data_dir: Path, tmp_path: Path) -> list[str]:
+    """The tiny-run overrides for a multirun (its folder is set by hydra.sweep.dir)."""
+    return [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+
+
 def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_multirun_gives_one_folder_per_job_and_one_report(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    settings = sweep_settings(data_dir, tmp_path)
     done = run(
         "train.py",
         "-m",
@@ -188,7 +193,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_in_the_same_folder_resumes(tmp_p
 )
 def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    settings = sweep_settings(data_dir, tmp_path)
     done = run(
         "train.py",
         "-m",
@@ -204,7 +209,7 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
 
 def test_ddp_sim_under_multirun_keeps_one_folder_per_job(tmp_path, data_dir):
     sweep, logs = tmp_path / "sweep", tmp_path / "logs"
-    settings = [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    settings = sweep_settings(data_dir, tmp_path)
     done = run(
         "train.py",
         "-m",
