@@ -177,7 +177,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             for key, value in trainer.callback_metrics.items()
             if key.startswith("val/")
         }
-        checkpoint = trainer.checkpoint_callback
+        # The checkpoint callback that selects on a validation metric (the other keeps last.ckpt).
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
         if checkpoint is not None and checkpoint.best_model_score is not None:
             val_metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
         best = checkpoint.best_model_path if checkpoint is not None else ""

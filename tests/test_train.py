@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomaly.visualization import TITLE_HEIGHT
@@ -87,6 +88,22 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((eval_dir / "metrics.json").read_text()) == metrics
     assert (eval_dir / "scores.csv").read_text() == (train_dir / "scores.csv").read_text()
+
+
+def test_last_checkpoint_is_the_newest_epoch_even_when_the_best_is_older(tmp_path, data_dir):
+    # Monitoring the step with mode=min makes epoch 0 the best for good; last.ckpt must still
+    # move on to the final epoch, or a resumed run would silently repeat epochs.
+    run_dir = tmp_path / "run"
+    settings = [*tiny_settings(data_dir, run_dir), "trainer.max_epochs=3", "test=false"]
+    settings += ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min"]
+    done = run("train.py", *settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["epoch_000.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(folder / "epoch_000.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], best["epoch"]) == (2, 0)
+    assert last["global_step"] == 3 * best["global_step"]
 
 
 def test_missing_data_root_is_one_line_error(tmp_path):
