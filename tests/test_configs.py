@@ -30,6 +30,22 @@ def test_experiment_presets_instantiate(experiment):
     assert model.name in experiment and datamodule.category == "capsule"
     assert datamodule.image_size in (128, 256)
     assert cfg.trainer.max_time is not None
+    # A run stopped by the clock has no known length: a schedule over max_epochs would barely
+    # decay, and selecting on the restoration loss would then favour copying networks.
+    assert cfg.model.scheduler is None
+    assert cfg.callbacks.model_checkpoint.monitor == "val/pixel_aupro"
+
+
+def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
+    cfg = composed(["trainer.max_epochs=7"])
+    model = instantiate(cfg.model)
+    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert model.name == "sdc_ccm" and scheduler.T_max == 7
+    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (
+        "val/loss",
+        "min",
+    )
+    assert cfg.callbacks.last_checkpoint.filename == "last"
 
 
 @pytest.mark.parametrize("model", ["residual_ae", "sdc_ccm"])

@@ -1,0 +1,104 @@
+"""Score one trained checkpoint with several anomaly-map settings on a development copy of the
+built-in data, drawn with another seed, so map defaults are never chosen on a reported test split.
+
+The network runs once over the copy's train/good images (they fit the per-pixel normal
+statistics of the standardized image score) and its test images; every row then only re-scores
+the reconstructions. Prints one JSON line per setting:
+
+    python benchmarks/map_choices.py --ckpt logs/train/runs/<run>/checkpoints/epoch_118.ckpt
+
+The copy is generated into a temporary folder at the size the checkpoint's data used.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from anomaly.anomaly_map import AnomalyScorer
+from anomaly.data.mvtec import MVTecDataset, list_samples
+from anomaly.data.synthetic import ensure_generated
+from anomaly.metrics import auroc
+
+# (l2_weight, ssim_weight, gms_weight, sigma): equal weights as before, then rebalanced squared
+# error, each at two smoothing widths.
+SETTINGS = [
+    (1.0, 1.0, 1.0, 2.0),
+    (1.0, 1.0, 1.0, 1.0),
+    (1.0, 0.0, 0.0, 1.0),
+    (0.0, 1.0, 0.0, 1.0),
+    (10.0, 1.0, 0.0, 2.0),
+    (10.0, 1.0, 0.0, 1.0),
+    (10.0, 1.0, 1.0, 1.0),
+]
+BATCH = 32
+
+
+def load_model(path: Path):
+    """The Lightning module of a checkpoint written by train.py, in eval mode."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = checkpoint.get("config")
+    if config is None:
+        sys.exit(f"{path}: checkpoint holds no config (not written by train.py)")
+    model = instantiate(OmegaConf.create(config["model"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), config["data"]
+
+
+@torch.no_grad()
+def reconstruct(model, dataset: MVTecDataset) -> tuple[torch.Tensor, ...]:
+    """Images (N, 3, H, W), reconstructions, masks (N, H, W) and labels (N,) of a dataset."""
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([sample["image"] for sample in samples])
+    outputs = torch.cat([model.net(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
+    masks = torch.stack([sample["mask"][0] for sample in samples]).long()
+    labels = torch.tensor([sample["label"] for sample in samples])
+    return images, outputs, masks, labels
+
+
+def score(setting: tuple, normal: tuple, test: tuple) -> dict:
+    """Image and pixel AUROC of one map setting, standardized by the normal images' maps."""
+    l2, ssim, gms, sigma = setting
+    scorer = AnomalyScorer(l2, ssim, gms, sigma, standardize_score=True)
+    maps, _ = scorer(*normal)
+    count = torch.tensor(float(len(maps)))
+    scorer.fit_normal_statistics(count, maps.sum(0), maps.pow(2).sum(0))
+    images, outputs, masks, labels = test
+    maps, scores = scorer(images, outputs)
+    return {
+        "l2_weight": l2,
+        "ssim_weight": ssim,
+        "gms_weight": gms,
+        "sigma": sigma,
+        "image_auroc": round(float(auroc(scores, labels)), 4),
+        "pixel_auroc": round(float(auroc(maps.flatten(), masks.flatten())), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the development copy")
+    args = parser.parse_args()
+    if not args.ckpt.is_file():
+        sys.exit(f"{args.ckpt}: checkpoint file does not exist")
+    model, data = load_model(args.ckpt)
+    synthetic_size = int((data.get("synthetic") or {}).get("size", 128))
+    with tempfile.TemporaryDirectory() as folder:
+        root = ensure_generated(Path(folder), "capsule", args.seed, synthetic_size).parent
+        size = data["image_size"]
+        train = MVTecDataset(list_samples(root, "capsule", "train"), size)
+        test = MVTecDataset(list_samples(root, "capsule", "test"), size)
+        normal_images, normal_outputs, _, _ = reconstruct(model, train)
+        test_results = reconstruct(model, test)
+    for setting in SETTINGS:
+        print(json.dumps(score(setting, (normal_images, normal_outputs), test_results)))
+
+
+if __name__ == "__main__":
+    main()
