@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from anomaly.metrics import roc_curve
-from anomaly.visualization import heatmap_panel, save_roc_plot
+from anomaly.visualization import colour_scale, heatmap_panel, save_roc_plot
 
 
 def _gather(items: list) -> list:
@@ -94,8 +94,8 @@ class TestResultsWriter(Callback):
             writer.writeheader()
             writer.writerows(rows)
         self._save_roc_plots(rows, pixels, metrics)
-        # One colour scale for every panel of the run: the hottest map pixel of the test set.
-        vmax = max((float(anomaly_map.max()) for anomaly_map, _ in pixels), default=1.0)
+        # One colour scale for every panel of the run, from all test map pixels.
+        vmax = colour_scale([anomaly_map for anomaly_map, _ in pixels])
         images = self._save_panels(panels, vmax)
         log_images(trainer, images)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 PANEL_TITLES = ("input", "reconstruction", "anomaly map", "ground truth", "overlay")
+# Used when a tile is too narrow for the full titles (e.g. 64 px images).
+SHORT_TITLES = ("input", "output", "map", "truth", "overlay")
+# Pixels above this quantile of a run's test maps all show the hottest colour.
+HOT_QUANTILE = 0.999
 TITLE_HEIGHT = 14
 
 
@@ -21,6 +26,19 @@ def to_uint8_rgb(image: Tensor) -> np.ndarray:
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
     array = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return (array * 255.0 + 0.5).astype(np.uint8)
+
+
+def colour_scale(maps: list, quantile: float = HOT_QUANTILE) -> float:
+    """The map value shown as the hottest colour: the `quantile` of all pixels of `maps`.
+
+    A quantile rather than the maximum, so a few extreme pixels of one image do not wash out the
+    defects of every other panel. `maps` holds arrays or CPU tensors; 1.0 when there are no pixels.
+    """
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps] or [[]])
+    if values.size == 0:
+        return 1.0
+    rank = min(values.size, max(1, math.ceil(quantile * values.size)))
+    return float(np.partition(values, rank - 1)[rank - 1])
 
 
 def colorize(anomaly_map: Tensor, vmax: float) -> np.ndarray:
@@ -57,7 +75,9 @@ def heatmap_panel(
     height, width = rgb.shape[:2]
     canvas = Image.new("RGB", (width * len(tiles), height + TITLE_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (tile, title) in enumerate(zip(tiles, PANEL_TITLES, strict=True)):
+    fits = all(draw.textlength(title) + 4 <= width for title in PANEL_TITLES)
+    titles = PANEL_TITLES if fits else SHORT_TITLES
+    for i, (tile, title) in enumerate(zip(tiles, titles, strict=True)):
         canvas.paste(Image.fromarray(tile), (i * width, TITLE_HEIGHT))
         draw.text((i * width + 2, 1), title, fill="black")
     return np.asarray(canvas)
