@@ -204,6 +204,23 @@ def _overridden_data(cfg: DictConfig, saved: dict) -> DictConfig:
     return OmegaConf.merge(data, OmegaConf.from_dotlist([o[len("data.") :] for o in dotlist]))
 
 
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by train.py (on the CPU), with one-line errors for bad files.
+
+    Returns:
+        The checkpoint dict; its "config" holds the run's resolved config.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling failure means the same thing to the user
+        raise DatasetError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("config") is None:
+        raise DatasetError(f"{path}: checkpoint holds no config (not written by train.py)")
+    return checkpoint
+
+
 @isolated_job
 def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
@@ -212,15 +229,7 @@ def evaluate(cfg: DictConfig) -> dict:
     too, unless overridden on the command line.
     """
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unpickling failure means the same thing to the user
-        raise DatasetError(f"{path}: not a readable checkpoint ({err})") from None
-    saved = checkpoint.get("config")
-    if saved is None:
-        raise DatasetError(f"{path}: checkpoint holds no config (not written by train.py)")
+    saved = read_checkpoint(path)["config"]
     with open_dict(cfg):
         cfg.model = OmegaConf.create(saved["model"])
         cfg.data = _overridden_data(cfg, saved)

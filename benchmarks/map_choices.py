@@ -24,6 +24,7 @@ from anomaly.anomaly_map import AnomalyScorer
 from anomaly.data.mvtec import MVTecDataset, list_samples
 from anomaly.data.synthetic import ensure_generated
 from anomaly.metrics import auroc
+from anomaly.tasks import USER_ERRORS, one_line, read_checkpoint
 
 # (l2_weight, ssim_weight, gms_weight, sigma): equal weights as before, then rebalanced squared
 # error, each at two smoothing widths.
@@ -40,14 +41,11 @@ BATCH = 32
 
 
 def load_model(path: Path):
-    """The Lightning module of a checkpoint written by train.py, in eval mode."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = checkpoint.get("config")
-    if config is None:
-        sys.exit(f"{path}: checkpoint holds no config (not written by train.py)")
-    model = instantiate(OmegaConf.create(config["model"]))
+    """The Lightning module of a checkpoint written by train.py (eval mode) and its data config."""
+    checkpoint = read_checkpoint(path)
+    model = instantiate(OmegaConf.create(checkpoint["config"]["model"]))
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), config["data"]
+    return model.eval(), checkpoint["config"]["data"]
 
 
 @torch.no_grad()
@@ -85,9 +83,10 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
     parser.add_argument("--seed", type=int, default=1, help="seed of the development copy")
     args = parser.parse_args()
-    if not args.ckpt.is_file():
-        sys.exit(f"{args.ckpt}: checkpoint file does not exist")
-    model, data = load_model(args.ckpt)
+    try:
+        model, data = load_model(args.ckpt)
+    except USER_ERRORS as error:
+        sys.exit(one_line(error))
     synthetic_size = int((data.get("synthetic") or {}).get("size", 128))
     with tempfile.TemporaryDirectory() as folder:
         root = ensure_generated(Path(folder), "capsule", args.seed, synthetic_size).parent

@@ -39,10 +39,14 @@ def test_score_standardizes_by_the_normal_maps_and_takes_the_maximum():
     assert abs(result["pixel_auroc"] - round(pixel, 4)) < 1e-9
 
 
-def test_missing_checkpoint_is_a_one_line_error(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "map_choices.py")]
-    done = subprocess.run(
-        [*command, "--ckpt", str(tmp_path / "none.ckpt")], capture_output=True, text=True
-    )
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "map_choices.py"), "--ckpt"]
+    missing, garbage = tmp_path / "none.ckpt", tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    done = subprocess.run([*command, str(missing)], capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.strip() == f"{tmp_path / 'none.ckpt'}: checkpoint file does not exist"
+    assert done.stderr.strip() == f"{missing}: checkpoint file does not exist"
+    done = subprocess.run([*command, str(garbage)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith(f"{garbage}: not a readable checkpoint")
+    assert len(done.stderr.strip().splitlines()) == 1
