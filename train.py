@@ -16,7 +16,8 @@ import hydra
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from anomaly.tasks import USER_ERRORS, format_metrics, one_line, train
+from anomaly.runtime import exit_on_user_error
+from anomaly.tasks import format_metrics, train
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,8 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        test_metrics, val_metrics = train(cfg)
-    except USER_ERRORS as error:
-        sys.exit(f"error: {one_line(error)}")
+        with exit_on_user_error():
+            test_metrics, val_metrics = train(cfg)
     except SIGTERMException:
         # Preempted: last.ckpt is saved; the same command in the same folder resumes.
         log.warning(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
+from anomaly.metrics import METRIC_KEYS
 
 
 def read_overrides(run_dir: Path) -> dict[str, str]:
@@ -43,7 +43,7 @@ def collect_runs(folder: Path) -> list[dict]:
                 "overrides": read_overrides(path.parent),
                 "model": metrics.get("model"),
                 "category": metrics.get("category"),
-                **{key: metrics.get(key) for key in METRICS},
+                **{key: metrics.get(key) for key in METRIC_KEYS},
             }
         )
     return runs
@@ -56,10 +56,10 @@ def build_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     varying = [
         k for k in keys if k != "model" and len({run["overrides"].get(k) for run in runs}) > 1
     ]
-    header = ["run", *varying, "model", "category", *METRICS]
+    header = ["run", *varying, "model", "category", *METRIC_KEYS]
     rows = []
     for run in runs:
-        values = [f"{run[m]:.4f}" if run[m] is not None else "" for m in METRICS]
+        values = [f"{run[m]:.4f}" if run[m] is not None else "" for m in METRIC_KEYS]
         cells = [run["overrides"].get(key, "") for key in varying]
         rows.append([run["run"], *cells, str(run["model"]), str(run["category"]), *values])
     if len({run["category"] for run in runs}) > 1:
@@ -68,7 +68,7 @@ def build_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             by_model[str(run["model"])].append(run)
         for model, group in sorted(by_model.items()):
             means = []
-            for metric in METRICS:
+            for metric in METRIC_KEYS:
                 values = [run[metric] for run in group if run[metric] is not None]
                 means.append(f"{sum(values) / len(values):.4f}" if values else "")
             rows.append(["mean", *[""] * len(varying), model, f"{len(group)} runs", *means])

@@ -11,9 +11,9 @@ root=$1 dtd=$2 budget=${3:-00:00:08:00} out=${4:-logs/ablations} parallel=${5:-2
 export OMP_NUM_THREADS=$(( 2 / parallel > 0 ? 2 / parallel : 1 ))
 rows=(
   "full"
-  "no_corruption data.corruption.prob=0"
-  "textures_only data.corruption.texture_prob=1 data.corruption.elastic_prob=0"
-  "elastic_only data.corruption.texture_prob=0 data.corruption.elastic_prob=1"
+  "no_corruption model.objective.corruption.prob=0"
+  "textures_only model.objective.corruption.texture_prob=1 model.objective.corruption.elastic_prob=0"
+  "elastic_only model.objective.corruption.texture_prob=0 model.objective.corruption.elastic_prob=1"
   "concat_skips model.net.skip=concat"
   "no_skips model.net.skip=none"
   "no_sdc model.net.sdc=false"

@@ -17,16 +17,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from torch import nn
 
-from anomaly.anomaly_map import AnomalyScorer
+from anomaly.anomaly_map import AnomalyMap
 from anomaly.data.mvtec import MVTecDataset, list_samples
 from anomaly.data.synthetic import ensure_generated
+from anomaly.detector import AnomalyDetector, NormalMapStatistics
+from anomaly.errors import AnomalyError
 from anomaly.metrics import auroc
-from anomaly.tasks import USER_ERRORS, one_line, read_checkpoint
+from anomaly.tasks import load_detector
 
-# (l2_weight, ssim_weight, gms_weight, sigma): equal weights as before, then rebalanced squared
+# (l2, ssim, gradient, sigma): equal weights as before, then rebalanced squared
 # error, each at two smoothing widths.
 SETTINGS = [
     (1.0, 1.0, 1.0, 2.0),
@@ -40,38 +41,38 @@ SETTINGS = [
 BATCH = 32
 
 
-def load_model(path: Path):
-    """The Lightning module of a checkpoint written by train.py (eval mode) and its data config."""
-    checkpoint = read_checkpoint(path)
-    model = instantiate(OmegaConf.create(checkpoint["config"]["model"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), checkpoint["config"]["data"]
-
-
 @torch.no_grad()
-def reconstruct(model, dataset: MVTecDataset) -> tuple[torch.Tensor, ...]:
+def reconstruct(net: nn.Module, dataset: MVTecDataset) -> tuple[torch.Tensor, ...]:
     """Images (N, 3, H, W), reconstructions, masks (N, H, W) and labels (N,) of a dataset."""
     samples = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([sample["image"] for sample in samples])
-    outputs = torch.cat([model.net(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
+    outputs = torch.cat([net(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
     masks = torch.stack([sample["mask"][0] for sample in samples]).long()
     labels = torch.tensor([sample["label"] for sample in samples])
     return images, outputs, masks, labels
 
 
 def score(setting: tuple, normal: tuple, test: tuple) -> dict:
-    """Image and pixel AUROC of one map setting, standardized by the normal images' maps."""
-    l2, ssim, gms, sigma = setting
-    scorer = AnomalyScorer(l2, ssim, gms, sigma, standardize_score=True)
-    maps, _ = scorer(*normal)
-    count = torch.tensor(float(len(maps)))
-    scorer.fit_normal_statistics(count, maps.sum(0), maps.pow(2).sum(0))
+    """Image and pixel AUROC of one map setting, standardized by the normal images' maps.
+
+    `normal` holds the normal images and their reconstructions, `test` the test images, their
+    reconstructions, masks and labels (see `reconstruct`).
+    """
+    l2, ssim, gradient, sigma = setting
+    # The network already ran: the detector only maps and scores the reconstructions.
+    detector = AnomalyDetector(
+        nn.Identity(), AnomalyMap(l2, 0.0, ssim, gradient, sigma), None, True
+    )
+    statistics = NormalMapStatistics()
+    statistics.update(detector.anomaly_map(*normal))
+    detector.set_normal_statistics(*statistics.compute())
     images, outputs, masks, labels = test
-    maps, scores = scorer(images, outputs)
+    maps = detector.anomaly_map(images, outputs)
+    scores = detector.score(maps)
     return {
-        "l2_weight": l2,
-        "ssim_weight": ssim,
-        "gms_weight": gms,
+        "l2": l2,
+        "ssim": ssim,
+        "gradient": gradient,
         "sigma": sigma,
         "image_auroc": round(float(auroc(scores, labels)), 4),
         "pixel_auroc": round(float(auroc(maps.flatten(), masks.flatten())), 4),
@@ -84,17 +85,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the development copy")
     args = parser.parse_args()
     try:
-        model, data = load_model(args.ckpt)
-    except USER_ERRORS as error:
-        sys.exit(one_line(error))
+        detector, config = load_detector(args.ckpt)
+    except AnomalyError as error:
+        sys.exit(str(error))
+    data = config["data"]
     synthetic_size = int((data.get("synthetic") or {}).get("size", 128))
     with tempfile.TemporaryDirectory() as folder:
         root = ensure_generated(Path(folder), "capsule", args.seed, synthetic_size).parent
         size = data["image_size"]
         train = MVTecDataset(list_samples(root, "capsule", "train"), size)
         test = MVTecDataset(list_samples(root, "capsule", "test"), size)
-        normal_images, normal_outputs, _, _ = reconstruct(model, train)
-        test_results = reconstruct(model, test)
+        normal_images, normal_outputs, _, _ = reconstruct(detector.net, train)
+        test_results = reconstruct(detector.net, test)
     for setting in SETTINGS:
         print(json.dumps(score(setting, (normal_images, normal_outputs), test_results)))
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from anomaly.anomaly_map import gaussian_blur, gaussian_kernel1d
 from anomaly.data.mvtec import MVTecDataset, list_samples
 from anomaly.data.synthetic import ensure_generated
 from anomaly.metrics import auroc
+from anomaly.similarity import gaussian_filter, gaussian_kernel1d
 
 SMOOTH_SIGMA = 4.0
 
@@ -36,7 +36,7 @@ def evaluate(root: Path, category: str, size: int) -> dict:
     masks = torch.stack([sample["mask"][0] for sample in samples]).long()  # (N, H, W)
     labels = torch.tensor([sample["label"] for sample in samples])
     distance = (images - mean).pow(2).sum(1).sqrt()  # (N, H, W)
-    maps = gaussian_blur(distance, gaussian_kernel1d(SMOOTH_SIGMA))
+    maps = gaussian_filter(distance.unsqueeze(1), gaussian_kernel1d(SMOOTH_SIGMA)).squeeze(1)
     return {
         "image_auroc": round(float(auroc(maps.flatten(1).amax(1), labels)), 4),
         "pixel_auroc": round(float(auroc(maps, masks)), 4),

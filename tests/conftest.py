@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from anomaly.data.datamodule import AnomalyDataModule
+
 torch.set_num_threads(2)
 
 SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
@@ -50,6 +52,23 @@ def write_tree(
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask, "L").save(mask_path)
     return base
+
+
+def make_datamodule(root: Path, **overrides) -> AnomalyDataModule:
+    """A set-up DataModule over a `write_tree` category: 32 px, a quarter held out, corrupted."""
+    settings = dict(
+        root=str(root),
+        category="widget",
+        image_size=32,
+        batch_size=4,
+        seed=1,
+        val_fraction=0.25,
+        corruption={"prob": 1.0},
+    )
+    settings.update(overrides)
+    datamodule = AnomalyDataModule(**settings)
+    datamodule.setup("fit")
+    return datamodule
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Every config option composes and instantiates (no training): presets stay valid."""
+"""Every config option composes and builds (no training): presets stay valid, groups stay apart."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
+
+from anomaly.tasks import build_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
-def composed(overrides: list[str]):
+def composed(overrides: list[str], config: str = "train"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):  # outside a run, Hydra's runtime folders do not exist
         cfg.paths.root_dir = "/tmp/anomaly-config-test"
         cfg.paths.output_dir = "/tmp/anomaly-config-test/run"
@@ -23,12 +26,12 @@ def composed(overrides: list[str]):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_presets_instantiate(experiment):
+def test_experiment_presets_build(experiment):
     cfg = composed([f"experiment={experiment}", "data.root=/data/mvtec"])
-    model = instantiate(cfg.model)
+    model = build_module(cfg.model)
     datamodule = instantiate(cfg.data)
-    assert model.name in experiment and datamodule.category == "capsule"
-    assert datamodule.image_size in (128, 256)
+    assert datamodule.category == "capsule" and datamodule.image_size in (128, 256)
+    assert model.name in experiment or experiment in ("capsule_cpu", "capsule_gpu")
     assert cfg.trainer.max_time is not None
     # A run stopped by the clock has no known length: a schedule over max_epochs would barely
     # decay, and selecting on the restoration loss would then favour copying networks.
@@ -38,7 +41,7 @@ def test_experiment_presets_instantiate(experiment):
 
 def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
     cfg = composed(["trainer.max_epochs=7"])
-    model = instantiate(cfg.model)
+    model = build_module(cfg.model)
     scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert model.name == "sdc_ccm" and scheduler.T_max == 7
     assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (
@@ -48,7 +51,36 @@ def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
     assert cfg.callbacks.last_checkpoint.filename == "last"
 
 
-@pytest.mark.parametrize("model", ["residual_ae", "sdc_ccm"])
+def test_model_configs_configure_the_model_only():
+    # Choosing a model changes nothing outside `model`: the other groups only read its keys.
+    configs = {}
+    for model in MODELS:
+        text = (CONF / "model" / f"{model}.yaml").read_text()
+        assert "@package" not in text
+        cfg = OmegaConf.to_container(composed([f"model={model}"]), resolve=False)
+        cfg.pop("model")
+        cfg["hydra"] = None  # records the choice itself
+        configs[model] = cfg
+    first, *others = configs.values()
+    assert all(other == first for other in others)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_model_objective_sets_the_corruption_and_the_selection(model):
+    cfg = composed([f"model={model}", "model.objective.corruption.prob=0.3"])
+    assert cfg.data.corruption.prob == 0.3
+    assert instantiate(cfg.data).corruption["prob"] == 0.3
+    expected = "val/loss" if model == "sdc_ccm" else "val/pixel_aupro"
+    assert cfg.callbacks.model_checkpoint.monitor == expected
+
+
+def test_eval_config_holds_only_what_eval_uses():
+    cfg = composed(["ckpt_path=/x.ckpt", "data.category=pill"], config="eval")
+    assert "model" not in cfg and set(cfg.callbacks) == {"test_results"}
+    assert cfg.data.category == "pill" and cfg.data.root is None
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim"])
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "many_loggers"])
 def test_groups_compose(model, trainer, logger):

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly.data.datamodule import AnomalyDataModule, EpochSampler, ShardSampler
-from anomaly.data.mvtec import DatasetError, MVTecDataset, check_category, list_samples
-from tests.conftest import SHARED_MVTEC, write_tree
+from anomaly.data.mvtec import MVTecDataset, check_category, list_samples
+from anomaly.data.samplers import EpochSampler, ShardSampler
+from anomaly.errors import DatasetError
+from tests.conftest import SHARED_MVTEC, make_datamodule, write_tree
 
 
 def problems_of(root: Path, category: str = "widget") -> list[str]:
@@ -125,22 +126,6 @@ def test_shard_sampler_covers_each_index_exactly_once():
     assert sorted(i for shard in shards for i in shard) == list(range(11))
 
 
-def make_datamodule(root: Path, **overrides) -> AnomalyDataModule:
-    settings = dict(
-        root=str(root),
-        category="widget",
-        image_size=32,
-        batch_size=4,
-        seed=1,
-        val_fraction=0.25,
-        corruption={"prob": 1.0},
-    )
-    settings.update(overrides)
-    datamodule = AnomalyDataModule(**settings)
-    datamodule.setup("fit")
-    return datamodule
-
-
 def test_datamodule_splits_are_disjoint_and_val_has_both_classes(tiny_tree):
     datamodule = make_datamodule(tiny_tree)
     train_paths = {str(r.path) for r in datamodule.train_set.images.records}
@@ -176,6 +161,6 @@ def test_without_corruption_input_is_the_clean_image(tiny_tree):
 
 def test_dataset_problem_stops_setup_with_one_line(tiny_tree):
     (tiny_tree / "widget" / "test" / "dent" / "001.png").write_bytes(b"")
-    with pytest.raises(DatasetError) as error:
+    with pytest.raises(DatasetError, match="dent/001.png") as error:
         make_datamodule(tiny_tree)
-    assert "dent/001.png" in str(error.value) and "\n" not in str(error.value)
+    assert "\n" not in str(error.value)

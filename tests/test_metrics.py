@@ -229,22 +229,25 @@ def test_per_group_auroc_against_hand_made_subsets():
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda: auroc(torch.rand(4), torch.ones(5)),
-        lambda: auroc(torch.rand(4), torch.tensor([0, 1, 2, 0])),
-        lambda: f1_max(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1])),
-        lambda: aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 5)),
-        lambda: aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 4), fpr_limit=0.0),
-        lambda: AUROC(thresholds=1),
-        lambda: F1Max(thresholds=10, score_range=(1.0, 1.0)),
-        lambda: AUPRO().update(torch.rand(2, 4, 4), torch.zeros(2, 2, 4, 4)),
-        lambda: PerGroupAUROC(2).update(torch.rand(2), torch.ones(2), torch.tensor([0, 2])),
-        lambda: PerGroupAUROC(0),
+        (lambda: auroc(torch.rand(4), torch.ones(5)), "differ"),
+        (lambda: auroc(torch.rand(4), torch.tensor([0, 1, 2, 0])), "only 0 and 1"),
+        (lambda: f1_max(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1])), "nan"),
+        (lambda: aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 5)), "equal shape"),
+        (lambda: aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 4), fpr_limit=0.0), "fpr_limit"),
+        (lambda: AUROC(thresholds=1), "thresholds"),
+        (lambda: F1Max(thresholds=10, score_range=(1.0, 1.0)), "score_range"),
+        (lambda: AUPRO().update(torch.rand(2, 4, 4), torch.zeros(2, 2, 4, 4)), "same shape"),
+        (
+            lambda: PerGroupAUROC(2).update(torch.rand(2), torch.ones(2), torch.tensor([0, 2])),
+            "groups must be",
+        ),
+        (lambda: PerGroupAUROC(0), "num_groups"),
     ],
 )
-def test_bad_input_raises_value_error(call):
-    with pytest.raises(ValueError):
+def test_bad_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
         call()
 
 

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from anomaly.metrics import METRIC_KEYS
 from tests.conftest import write_tree
 from tests.test_train import ROOT, run, tiny_settings
 
 pytestmark = pytest.mark.slow
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,9 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def sweep_settings(data_dir: Path, tmp_path: Path) -> list[str]:
+def sweep_settings(data_dir: Path) -> list[str]:
     """The tiny-run overrides for a multirun (its folder is set by hydra.sweep.dir)."""
-    return [s for s in tiny_settings(data_dir, tmp_path) if not s.startswith("hydra.run")]
+    return tiny_settings(data_dir, None)
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -39,7 +40,7 @@ def metrics_of(run_dir: Path) -> dict:
 
 def test_multirun_gives_one_folder_per_job_and_one_report(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    settings = sweep_settings(data_dir, tmp_path)
+    settings = sweep_settings(data_dir)
     done = run(
         "train.py",
         "-m",
@@ -136,27 +137,26 @@ def start_train(overrides: list[str]) -> subprocess.Popen:
     )
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 300) -> dict:
+    """Wait until `path` holds a complete checkpoint, and return it."""
     deadline = time.monotonic() + timeout
-    while not path.is_file():
+    while True:
         assert process.poll() is None, "training ended before the checkpoint appeared"
         assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.2)
-    time.sleep(1.0)  # let the write finish
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (FileNotFoundError, RuntimeError, EOFError):
+            time.sleep(0.05)
 
 
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, data_dir):
-    settings = [
-        *tiny_settings(data_dir, tmp_path / "x")[:-4],
-        "trainer.max_epochs=4",
-        "trainer.limit_train_batches=3",
-        "callbacks.test_results.num_heatmaps=1",
-    ]
+    changes = {"data.batch_size": None, "trainer.max_epochs": 4}
+    settings = tiny_settings(data_dir, None, changes)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     done = run("train.py", *settings, f"hydra.run.dir={whole}")
     assert done.returncode == 0, done.stderr[-3000:]
     process = start_train([*settings, f"hydra.run.dir={resumed}"])
-    wait_for(resumed / "checkpoints" / "last.ckpt", process)
+    wait_for_checkpoint(resumed / "checkpoints" / "last.ckpt", process)
     process.kill()  # a hard kill: only the last end-of-epoch checkpoint survives
     process.wait()
     assert not (resumed / "metrics.json").exists()
@@ -170,17 +170,18 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, data_dir):
 
 def test_sigterm_saves_a_checkpoint_and_a_rerun_in_the_same_folder_resumes(tmp_path, data_dir):
     run_dir = tmp_path / "job"
-    settings = [
-        *tiny_settings(data_dir, run_dir)[:-4],
-        "trainer.max_epochs=3",
-        "callbacks.test_results.num_heatmaps=1",
-    ]
+    changes = {"trainer.max_epochs": 3, "trainer.limit_train_batches": None}
+    settings = tiny_settings(data_dir, run_dir, changes)
     process = start_train(settings)
-    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
-    first = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    last = run_dir / "checkpoints" / "last.ckpt"
+    steps_per_epoch = wait_for_checkpoint(last, process)["global_step"]  # after epoch 0
+    time.sleep(0.5)  # into the second epoch's training steps
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) != 0 or not (run_dir / "metrics.json").exists()
-    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns >= first
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not (run_dir / "metrics.json").exists()
+    # Saved by the signal, in the middle of the second epoch: neither epoch end has this step.
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert steps_per_epoch < step < 2 * steps_per_epoch
     done = run("train.py", *settings)  # a requeued job: same command, same folder
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout + done.stderr
@@ -193,7 +194,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_in_the_same_folder_resumes(tmp_p
 )
 def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    settings = sweep_settings(data_dir, tmp_path)
+    settings = sweep_settings(data_dir)
     done = run(
         "train.py",
         "-m",
@@ -209,7 +210,7 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
 
 def test_ddp_sim_under_multirun_keeps_one_folder_per_job(tmp_path, data_dir):
     sweep, logs = tmp_path / "sweep", tmp_path / "logs"
-    settings = sweep_settings(data_dir, tmp_path)
+    settings = sweep_settings(data_dir)
     done = run(
         "train.py",
         "-m",

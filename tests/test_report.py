@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from anomaly.report import METRICS, build_table, collect_runs
+from anomaly.metrics import METRIC_KEYS
+from anomaly.report import build_table, collect_runs
 
 
 def fake_run(folder: Path, model: str, category: str, image_auroc: float, overrides: list[str]):
@@ -49,7 +50,7 @@ def test_table_has_differing_overrides_and_model_means(tmp_path):
     )
     header, rows = build_table(collect_runs(tmp_path))
     # "seed" is the same in every run, so it is no column; "model" comes from metrics.json.
-    assert header == ["run", "data.category", "model", "category", *METRICS]
+    assert header == ["run", "data.category", "model", "category", *METRIC_KEYS]
     assert [row[0] for row in rows] == ["0", "1", "2", "mean", "mean"]
     image = header.index("image_auroc")
     assert [row[image] for row in rows] == ["0.6000", "0.8000", "0.9000", "0.7000", "0.9000"]

@@ -8,14 +8,8 @@ import pytest
 from PIL import Image
 
 from anomaly.data import synthetic
-from anomaly.data.synthetic import (
-    DEFECT_TYPES,
-    ensure_generated,
-    generate,
-    render_normal,
-    render_pair,
-    render_sample,
-)
+from anomaly.data.capsule import DEFECT_TYPES, render_pair, render_sample
+from anomaly.data.synthetic import ensure_generated, generate
 
 MVTEC_CAPSULE_COUNTS = {
     "train/good": 219,
@@ -26,6 +20,12 @@ MVTEC_CAPSULE_COUNTS = {
     "test/scratch": 23,
     "test/squeeze": 20,
 }
+
+
+def render_normal(rng: np.random.Generator, size: int) -> np.ndarray:
+    return render_sample(rng, size, None)[0]
+
+
 SMALL_COUNTS = {(split, name): 2 for split, name in synthetic.SPLIT_COUNTS}
 
 

@@ -1,164 +1,24 @@
 """The one LightningDataModule every model trains and tests with.
 
-Splits:
-    train: normal train images minus a held-out fraction, corrupted on the fly when configured.
-    val:   the held-out normal images plus a fixed, seeded set of corrupted copies with masks, so
-           validation metrics exist without touching the test split.
-    test:  the test split.
-
-Samplers are the module's own (the trainer runs with `use_distributed_sampler=False`): training
-shards an epoch-seeded permutation across ranks, evaluation shards without padding, so no image is
-counted twice by the distributed metrics.
+Splits: train (normal train images minus a held-out fraction, corrupted on the fly when the
+model's objective says so), val (the held-out normals plus fixed corrupted copies with masks; see
+`anomaly.data.splits`) and test (the test split). Samplers shard by rank (`anomaly.data.samplers`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from anomaly.data.corruptions import TextureSource, corrupt
-from anomaly.data.mvtec import DatasetError, MVTecDataset, check_category, list_samples, make_sample
+from anomaly.data.mvtec import MVTecDataset, check_category, list_samples
+from anomaly.data.samplers import EpochSampler, ShardSampler
+from anomaly.data.splits import TrainDataset, ValidationDataset, build_augmentation
 from anomaly.data.synthetic import ensure_generated
-
-VAL_STREAM = 1_000_003  # seeds the fixed validation corruptions apart from any training epoch
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffles `num_samples` indices with a permutation seeded by (seed, epoch), sharded by rank.
-
-    Yields `epoch * num_samples + index`, so the dataset can seed its per-sample randomness by
-    (seed, epoch, index) whatever the number of workers. Shards are padded to equal length (DDP
-    training steps must match across ranks).
-    """
-
-    def __init__(
-        self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        else:
-            order = np.arange(self.num_samples)
-        order = np.resize(order, len(self) * self.world_size)  # pad by wrapping around
-        offset = self.epoch * self.num_samples
-        return iter((offset + order[self.rank :: self.world_size]).tolist())
-
-
-class ShardSampler(Sampler[int]):
-    """Every `world_size`-th index from `rank`, in order, without padding (for evaluation)."""
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, num_samples, world_size))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-
-def build_augmentation(shift: float, rotate: float, brightness: float) -> A.Compose | None:
-    """Light, label-preserving augmentation of normal images; None when every amount is zero."""
-    transforms = []
-    if shift > 0 or rotate > 0:
-        transforms.append(
-            A.Affine(
-                translate_percent=(-shift, shift),
-                rotate=(-rotate, rotate),
-                border_mode=cv2.BORDER_REFLECT_101,
-                p=1.0,
-            )
-        )
-    if brightness > 0:
-        transforms.append(
-            A.RandomBrightnessContrast(
-                brightness_limit=brightness, contrast_limit=brightness, p=1.0
-            )
-        )
-    return A.Compose(transforms) if transforms else None
-
-
-class TrainDataset(Dataset):
-    """Normal training images, augmented and corrupted with randomness seeded per sample.
-
-    Indexed by `epoch * len(images) + index` (see EpochSampler). A sample holds `input` (what the
-    network sees, corrupted or clean), `image` (the clean target) and `mask` (corrupted pixels).
-    """
-
-    def __init__(
-        self,
-        images: MVTecDataset,
-        seed: int,
-        textures: TextureSource | None,
-        corruption_prob: float,
-        texture_prob: float,
-        elastic_prob: float,
-        augmentation: A.Compose | None,
-    ) -> None:
-        self.images, self.seed, self.textures = images, seed, textures
-        self.corruption_prob, self.texture_prob = corruption_prob, texture_prob
-        self.elastic_prob, self.augmentation = elastic_prob, augmentation
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, encoded_index: int) -> dict:
-        epoch, index = divmod(encoded_index, len(self.images))
-        rng = np.random.default_rng([self.seed, epoch, index])
-        image, _ = self.images.arrays(index)
-        if self.augmentation is not None:
-            self.augmentation.set_random_seed(int(rng.integers(2**31)))
-            image = self.augmentation(image=image)["image"]
-        clean = image.astype(np.float32) / 255.0
-        corrupted, mask = clean, np.zeros(clean.shape[:2], dtype=np.float32)
-        if rng.random() < self.corruption_prob:
-            corrupted, mask = corrupt(
-                clean, rng, self.textures, self.texture_prob, self.elastic_prob
-            )
-        record = self.images.records[index]
-        sample = make_sample(clean, mask, 0, record.defect_type, str(record.path))
-        sample["input"] = make_sample(corrupted, mask, 0, "", "")["image"]
-        return sample
-
-
-class ValidationDataset(Dataset):
-    """Held-out normal images followed by one fixed, seeded corrupted copy of each."""
-
-    def __init__(self, images: MVTecDataset, seed: int, textures: TextureSource | None) -> None:
-        self.images = images
-        self.corrupted = []
-        for index in range(len(images)):
-            clean = images.arrays(index)[0].astype(np.float32) / 255.0
-            rng = np.random.default_rng([seed, VAL_STREAM, index])
-            self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5))
-
-    def __len__(self) -> int:
-        return 2 * len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        if index < len(self.images):
-            return self.images[index]
-        index -= len(self.images)
-        image, mask = self.corrupted[index]
-        path = str(self.images.records[index].path)
-        return make_sample(image, mask, 1, "synthetic", f"{path}#corrupted")
+from anomaly.data.textures import TextureSource
+from anomaly.errors import ConfigError, DatasetError
 
 
 class AnomalyDataModule(LightningDataModule):
@@ -173,7 +33,8 @@ class AnomalyDataModule(LightningDataModule):
         seed: seeds the held-out split, the validation corruptions and per-sample randomness.
         val_fraction: fraction of the normal train images held out for validation.
         dtd_root: DTD-layout texture folder for the corruptions; None for procedural textures.
-        corruption: `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
+        corruption: the model objective's corruption of training images (`model.objective`):
+            `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
             `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`).
         augment: light augmentation of training images: `shift` (fraction of the size),
             `rotate` (degrees), `brightness` (brightness/contrast limit); zeros switch it off.
@@ -200,7 +61,7 @@ class AnomalyDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.root, self.category, self.image_size = root, category, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -212,6 +73,9 @@ class AnomalyDataModule(LightningDataModule):
             "elastic_prob": 0.5,
             **(corruption or {}),
         }
+        for key, value in self.corruption.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"corruption {key} must be in [0, 1], got {value}")
         self.augment = {"shift": 0.0, "rotate": 0.0, "brightness": 0.0, **(augment or {})}
         self.synthetic = synthetic
         self.train_set = self.val_set = self.test_set = None
@@ -305,5 +169,3 @@ class AnomalyDataModule(LightningDataModule):
         rank, world = self._rank_and_world()
         sampler = ShardSampler(len(self.test_set), rank, world)
         return self._loader(self.test_set, sampler, self.eval_batch_size, False)
-
-    predict_dataloader = test_dataloader

@@ -14,19 +14,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from anomaly.data.images import image_files, load_image, load_mask, open_image
+from anomaly.errors import DatasetError
+from anomaly.models.blocks import as_pair
+
 GOOD = "good"
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as it is; the message is one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +33,6 @@ class SampleRecord:
     label: int  # 0 normal, 1 anomalous
     defect_type: str
     mask_path: Path | None  # None for good images; may not exist (the check reports it)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def category_dir(root: str | Path, category: str) -> Path:
@@ -69,25 +61,13 @@ def list_samples(root: str | Path, category: str, split: str) -> list[SampleReco
         defect = defect_dir.name
         if split == "train" and defect != GOOD:
             continue  # training sees normal images only
-        for path in _image_files(defect_dir):
+        for path in image_files(defect_dir):
             if defect == GOOD:
                 records.append(SampleRecord(path, 0, defect, None))
             else:
                 mask = split_dir.parent / "ground_truth" / defect / f"{path.stem}_mask.png"
                 records.append(SampleRecord(path, 1, defect, mask))
     return records
-
-
-def _open_fully(path: Path) -> Image.Image:
-    """Open and decode an image, so truncated files fail here and not in a worker."""
-    if path.stat().st_size == 0:
-        raise DatasetError(f"{path}: file is empty (0 bytes)")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise DatasetError(f"{path}: unreadable or truncated image ({err})") from None
-    return image
 
 
 def check_category(root: str | Path, category: str) -> dict:
@@ -119,7 +99,7 @@ def check_category(root: str | Path, category: str) -> dict:
         counts[split] = dict(Counter(r.defect_type for r in records))
         for record in records:
             try:
-                image = _open_fully(record.path)
+                image = open_image(record.path)
             except DatasetError as err:
                 problems.append(str(err))
                 continue
@@ -131,7 +111,7 @@ def check_category(root: str | Path, category: str) -> dict:
                 problems.append(f"{record.path}: ground-truth mask {record.mask_path} is missing")
                 continue
             try:
-                mask = _open_fully(record.mask_path)
+                mask = open_image(record.mask_path)
             except DatasetError as err:
                 problems.append(str(err))
                 continue
@@ -158,37 +138,6 @@ def check_category(root: str | Path, category: str) -> dict:
     return report
 
 
-def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Read an image as RGB (grayscale is repeated to 3 channels) resized to size=(H, W).
-
-    Returns:
-        uint8 array (H, W, 3).
-    """
-    image = np.asarray(_open_fully(path).convert("RGB"))
-    return A.Resize(*size, interpolation=cv2.INTER_AREA)(image=image)["image"]
-
-
-def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
-    """Read a ground-truth mask resized without blurring (nearest); all zeros when path is None.
-
-    Returns:
-        uint8 array (H, W) with values {0, 1}.
-    """
-    if path is None:
-        return np.zeros(size, dtype=np.uint8)
-    mask = np.asarray(_open_fully(path).convert("L"))
-    mask = A.Resize(*size, interpolation=cv2.INTER_NEAREST)(image=mask)["image"]
-    return (mask > 127 if mask.max() > 1 else mask > 0).astype(np.uint8)
-
-
-def as_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Turn `data.image_size` (an int or [H, W]) into (H, W)."""
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = image_size
-    return (int(height), int(width))
-
-
 class MVTecDataset(Dataset):
     """Images (and masks) of one split, resized, decoded once and kept in memory.
 
@@ -198,7 +147,7 @@ class MVTecDataset(Dataset):
 
     def __init__(self, records: list[SampleRecord], image_size: int | tuple[int, int]) -> None:
         self.records = list(records)
-        self.size = as_size(image_size)
+        self.size = as_pair(image_size)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:

@@ -10,80 +10,26 @@ Our choices, not taken from the paper: the widths, the normalization options, Le
 activations (they never give an exactly zero gradient, which keeps small models trainable), the
 1x1-conv spatial latent and the optional fully connected latent, and a sigmoid output in [0, 1].
 
-The small helpers at the top (norm, conv block, input checks) are shared with
-``anomaly.models.sdc_ccm``.
+Shared blocks (norm, conv block, input checks) live in ``anomaly.models.blocks``.
 """
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-NORMS = ("batch", "instance", "group", "none")
-UPSAMPLE_MODES = ("nearest", "bilinear")
-NEGATIVE_SLOPE = 0.2
-
-
-def make_norm(kind: str, channels: int) -> nn.Module:
-    """Build a 2D normalization layer.
-
-    Args:
-        kind: "batch", "instance" (with affine parameters), "group" (gcd(8, channels) groups, so
-            the group count always divides the width) or "none".
-        channels: Number of feature channels C of the (B, C, H, W) input.
-
-    Returns:
-        The layer; it keeps the input shape.
-    """
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(8, channels), channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")
-
-
-def conv_norm_act(
-    in_channels: int,
-    out_channels: int,
-    norm: str,
-    kernel_size: int = 3,
-    stride: int = 1,
-    dilation: int = 1,
-) -> nn.Sequential:
-    """Convolution, normalization, LeakyReLU; "same" padding, so only ``stride`` changes H, W.
-
-    Maps (B, in_channels, H, W) to (B, out_channels, H / stride, W / stride).
-    """
-    padding = dilation * (kernel_size // 2)
-    return nn.Sequential(
-        # A bias is redundant right before a normalization that subtracts the mean.
-        nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, bias=norm == "none"
-        ),
-        make_norm(norm, out_channels),
-        nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
-    )
-
-
-def check_divisible(height: int, width: int, num_blocks: int) -> None:
-    """Raise ValueError unless H and W survive ``num_blocks`` halvings without rounding."""
-    factor = 2**num_blocks
-    if height % factor or width % factor:
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by {factor} "
-            f"({num_blocks} downsampling blocks)"
-        )
-
-
-def check_image_batch(x: torch.Tensor, in_channels: int) -> None:
-    """Raise ValueError unless ``x`` has shape (B, in_channels, H, W)."""
-    if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"expected input of shape (B, {in_channels}, H, W), got {tuple(x.shape)}")
+from anomaly.errors import ConfigError
+from anomaly.models.blocks import (
+    NEGATIVE_SLOPE,
+    UPSAMPLE_MODES,
+    as_pair,
+    check_divisible,
+    check_image_batch,
+    check_norm,
+    check_widths,
+    conv_norm_act,
+    make_norm,
+)
 
 
 class ResidualBlock(nn.Module):
@@ -154,23 +100,19 @@ class ResidualAutoencoder(nn.Module):
         upsample: str = "nearest",
     ) -> None:
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if not channels or min(channels) < 1 or in_channels < 1 or latent_channels < 1:
-            raise ValueError(
-                "in_channels, latent_channels and every entry of a non-empty channels must be "
-                f">= 1, got {in_channels}, {latent_channels}, {channels}"
-            )
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+        channels = check_widths(in_channels, channels)
+        check_norm(norm)
+        if latent_channels < 1:
+            raise ConfigError(f"latent_channels must be >= 1, got {latent_channels}")
         if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"unknown upsample {upsample!r}; expected one of {UPSAMPLE_MODES}")
+            raise ConfigError(f"unknown upsample {upsample!r}; expected one of {UPSAMPLE_MODES}")
         if latent_dim is not None and latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1 or None, got {latent_dim}")
+            raise ConfigError(f"latent_dim must be >= 1 or None, got {latent_dim}")
         if latent_dim is not None and image_size is None:
-            raise ValueError("latent_dim needs image_size: the linear latent layers depend on it")
+            raise ConfigError("latent_dim needs image_size: the linear latent layers depend on it")
         self.in_channels = in_channels
         self.num_blocks = len(channels)
-        self.image_size = None if image_size is None else _as_pair(image_size)
+        self.image_size = None if image_size is None else as_pair(image_size)
         if self.image_size is not None:
             check_divisible(*self.image_size, self.num_blocks)
 
@@ -225,13 +167,3 @@ class ResidualAutoencoder(nn.Module):
         z = self.encoder(self.stem(x))  # (B, C_n, H / 2^n, W / 2^n)
         z = self.bottleneck(z)  # (B, C_n, H / 2^n, W / 2^n)
         return self.head(self.decoder(z))  # (B, in_channels, H, W)
-
-
-def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    """Turn H or (H, W) into (H, W)."""
-    if isinstance(size, int):
-        return size, size
-    pair = tuple(int(s) for s in size)
-    if len(pair) != 2:
-        raise ValueError(f"image_size must be an int or (H, W), got {size}")
-    return pair

@@ -25,11 +25,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from anomaly.models.residual_ae import (
+from anomaly.errors import ConfigError
+from anomaly.models.blocks import (
     NEGATIVE_SLOPE,
-    NORMS,
     check_divisible,
     check_image_batch,
+    check_norm,
+    check_widths,
     conv_norm_act,
     make_norm,
 )
@@ -52,7 +54,7 @@ class SDCBlock(nn.Module):
         super().__init__()
         branch = channels // len(dilations)
         if branch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{channels} bottleneck channels cannot be split among {len(dilations)} dilations"
             )
         self.branches = nn.ModuleList(
@@ -162,22 +164,16 @@ class SDCCCMAutoencoder(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        channels = tuple(int(c) for c in channels)
+        channels = check_widths(in_channels, channels)
         dilations = tuple(int(d) for d in dilations)
-        if not channels or min(channels) < 1 or in_channels < 1:
-            raise ValueError(
-                "in_channels and every entry of a non-empty channels must be >= 1, "
-                f"got {in_channels}, {channels}"
-            )
         if not dilations or min(dilations) < 1 or num_sdc_blocks < 0:
-            raise ValueError(
+            raise ConfigError(
                 "dilations must be a non-empty list of ints >= 1 and num_sdc_blocks >= 0, "
                 f"got {dilations}, {num_sdc_blocks}"
             )
         if skip not in SKIPS:
-            raise ValueError(f"unknown skip {skip!r}; expected one of {SKIPS}")
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+            raise ConfigError(f"unknown skip {skip!r}; expected one of {SKIPS}")
+        check_norm(norm)
         self.in_channels = in_channels
         self.num_down = len(channels) - 1
         if not sdc:

@@ -1,0 +1,107 @@
+"""The training and validation datasets built from the normal training images.
+
+train: normal images, lightly augmented and, for the restoration objective, corrupted on the fly
+       with randomness seeded per (seed, epoch, sample).
+val:   the held-out normal images plus one fixed, seeded corrupted copy of each, with masks, so
+       validation metrics exist without touching the test split.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+from torch.utils.data import Dataset
+
+from anomaly.data.corruptions import corrupt
+from anomaly.data.mvtec import MVTecDataset, make_sample
+from anomaly.data.textures import TextureSource
+
+VAL_STREAM = 1_000_003  # seeds the fixed validation corruptions apart from any training epoch
+
+
+def build_augmentation(shift: float, rotate: float, brightness: float) -> A.Compose | None:
+    """Light, label-preserving augmentation of normal images; None when every amount is zero."""
+    transforms = []
+    if shift > 0 or rotate > 0:
+        transforms.append(
+            A.Affine(
+                translate_percent=(-shift, shift),
+                rotate=(-rotate, rotate),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=1.0,
+            )
+        )
+    if brightness > 0:
+        transforms.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=brightness, contrast_limit=brightness, p=1.0
+            )
+        )
+    return A.Compose(transforms) if transforms else None
+
+
+class TrainDataset(Dataset):
+    """Normal training images, augmented and corrupted with randomness seeded per sample.
+
+    Indexed by `epoch * len(images) + index` (see EpochSampler). A sample holds `input` (what the
+    network sees, corrupted or clean), `image` (the clean target) and `mask` (corrupted pixels).
+    """
+
+    def __init__(
+        self,
+        images: MVTecDataset,
+        seed: int,
+        textures: TextureSource | None,
+        corruption_prob: float,
+        texture_prob: float,
+        elastic_prob: float,
+        augmentation: A.Compose | None,
+    ) -> None:
+        self.images, self.seed, self.textures = images, seed, textures
+        self.corruption_prob, self.texture_prob = corruption_prob, texture_prob
+        self.elastic_prob, self.augmentation = elastic_prob, augmentation
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, encoded_index: int) -> dict:
+        epoch, index = divmod(encoded_index, len(self.images))
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image, _ = self.images.arrays(index)
+        if self.augmentation is not None:
+            self.augmentation.set_random_seed(int(rng.integers(2**31)))
+            image = self.augmentation(image=image)["image"]
+        clean = image.astype(np.float32) / 255.0
+        corrupted, mask = clean, np.zeros(clean.shape[:2], dtype=np.float32)
+        if rng.random() < self.corruption_prob:
+            corrupted, mask = corrupt(
+                clean, rng, self.textures, self.texture_prob, self.elastic_prob
+            )
+        record = self.images.records[index]
+        sample = make_sample(clean, mask, 0, record.defect_type, str(record.path))
+        sample["input"] = make_sample(corrupted, mask, 0, "", "")["image"]
+        return sample
+
+
+class ValidationDataset(Dataset):
+    """Held-out normal images followed by one fixed, seeded corrupted copy of each."""
+
+    def __init__(self, images: MVTecDataset, seed: int, textures: TextureSource | None) -> None:
+        self.images = images
+        self.corrupted = []
+        for index in range(len(images)):
+            clean = images.arrays(index)[0].astype(np.float32) / 255.0
+            rng = np.random.default_rng([seed, VAL_STREAM, index])
+            self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5))
+
+    def __len__(self) -> int:
+        return 2 * len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        if index < len(self.images):
+            return self.images[index]
+        index -= len(self.images)
+        image, mask = self.corrupted[index]
+        path = str(self.images.records[index].path)
+        return make_sample(image, mask, 1, "synthetic", f"{path}#corrupted")

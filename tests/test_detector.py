@@ -1,0 +1,116 @@
+"""The anomaly map, the detector's score and its normal statistics, against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from anomaly.anomaly_map import AnomalyMap
+from anomaly.detector import AnomalyDetector, NormalMapStatistics
+from anomaly.errors import ConfigError
+
+
+class Shift(nn.Module):
+    """A stand-in network: the input plus a fixed offset (so errors are known)."""
+
+    def __init__(self, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+def test_detector_returns_map_score_and_reconstruction_and_scores_the_map_maximum():
+    torch.manual_seed(0)
+    images, offset = torch.rand(3, 3, 40, 56), torch.rand(3, 3, 40, 56)
+    detector = AnomalyDetector(Shift(offset), AnomalyMap(sigma=2.0))
+    maps, scores, reconstruction = detector(images)
+    assert maps.shape == (3, 40, 56) and scores.shape == (3,)
+    assert torch.equal(reconstruction, images + offset)
+    assert torch.equal(maps, AnomalyMap(sigma=2.0)(images, images + offset))
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+
+
+def test_l2_map_matches_scipy_gaussian_filter():
+    torch.manual_seed(1)
+    image, reconstruction = torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48)
+    maps = AnomalyMap(l2=1.0, sigma=3.0)(image, reconstruction)
+    error = ((image - reconstruction) ** 2).mean(1).numpy()
+    expected = np.stack([ndimage.gaussian_filter(e, 3.0, mode="mirror") for e in error])
+    assert np.allclose(maps.numpy(), expected, atol=1e-5)
+
+
+def test_top_k_score_is_the_mean_of_the_largest_pixels():
+    maps = torch.rand(2, 16, 16)
+    detector = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), top_k=10)
+    expected = torch.sort(maps.flatten(1), dim=1, descending=True).values[:, :10].mean(1)
+    assert torch.allclose(detector.score(maps), expected)
+
+
+def test_perfect_reconstruction_gives_zero_map_for_every_term():
+    image = torch.rand(2, 3, 32, 32)
+    maps = AnomalyMap(1.0, 1.0, 1.0, 1.0, sigma=4.0)(image, image.clone())
+    assert maps.abs().max() < 1e-5
+
+
+def test_a_local_defect_scores_highest_where_it_is():
+    image = torch.full((1, 3, 64, 64), 0.5)
+    reconstruction = image.clone()
+    reconstruction[..., 40:46, 10:16] = 0.9
+    for weights in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)):
+        maps = AnomalyMap(*weights)(image, reconstruction)
+        row, col = divmod(int(maps[0].argmax()), 64)
+        assert 38 <= row <= 48 and 8 <= col <= 18
+
+
+def test_bad_settings_raise_config_errors():
+    with pytest.raises(ConfigError, match="at least one"):
+        AnomalyMap(0, 0, 0, 0)
+    with pytest.raises(ConfigError, match="sigma"):
+        AnomalyMap(sigma=-1.0)
+    with pytest.raises(ConfigError, match="top_k"):
+        AnomalyDetector(nn.Identity(), AnomalyMap(), top_k=0)
+
+
+def fitted_detector(normal_maps: torch.Tensor) -> AnomalyDetector:
+    detector = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), standardize=True)
+    statistics = NormalMapStatistics()
+    for part in normal_maps.split(7):  # several updates, as over validation batches
+        statistics.update(part)
+    detector.set_normal_statistics(*statistics.compute())
+    return detector
+
+
+def test_normal_statistics_are_the_mean_and_the_floored_spread_of_the_maps():
+    torch.manual_seed(3)
+    normal_maps = torch.rand(20, 8, 8)
+    detector = fitted_detector(normal_maps)
+    std = normal_maps.double().std(0, unbiased=False).float()
+    assert torch.allclose(detector.normal_mean, normal_maps.mean(0), atol=1e-6)
+    assert torch.allclose(detector.normal_std, std + std.mean(), atol=1e-5)
+
+
+def test_standardized_score_uses_normal_statistics_and_keeps_the_raw_map():
+    torch.manual_seed(3)
+    normal_maps = torch.rand(20, 8, 8)
+    detector = fitted_detector(normal_maps)
+    images = torch.rand(4, 3, 8, 8)
+    maps, scores, _ = detector(images)
+    assert torch.equal(maps, AnomalyMap(sigma=0)(images, images))
+    std = normal_maps.double().std(0, unbiased=False).float()
+    expected = ((maps - normal_maps.mean(0)) / (std + std.mean())).flatten(1).amax(1)
+    assert torch.allclose(scores, expected, atol=1e-4)
+
+
+def test_normal_statistics_travel_in_the_state_dict_and_must_match_the_size():
+    detector = fitted_detector(torch.rand(5, 8, 8))
+    fresh = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), standardize=True)
+    assert not fresh.has_normal_statistics
+    fresh.load_state_dict(detector.state_dict())
+    assert torch.equal(fresh.normal_mean, detector.normal_mean)
+    with pytest.raises(ConfigError, match="fitted at"):
+        fresh.score(torch.rand(1, 16, 16))
