@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from anomaly.errors import ConfigError
-from anomaly.similarity import check_weights, error_map, gaussian_filter, gaussian_kernel1d
+from anomaly.similarity import WeightedErrorTerms, gaussian_filter, gaussian_kernel1d
 
 
-class AnomalyMap(nn.Module):
+class AnomalyMap(WeightedErrorTerms):
     """Turns (image, reconstruction) into an anomaly map.
 
     map = l2 * squared error + l1 * absolute error + ssim * (1 - SSIM) / 2 + gradient * (1 - MSGMS),
@@ -17,25 +17,16 @@ class AnomalyMap(nn.Module):
     `sigma` pixels (0 switches it off). Every term lies in [0, 1], so a map lies in
     [0, l2 + l1 + ssim + gradient].
 
+    The gradient term is the map of RIAD (Zavrtanik et al. 2021); DRAEM's ablation found the map
+    function worth several AUROC points.
+
     Args:
-        l2: weight of the squared error.
-        l1: weight of the absolute error.
-        ssim: weight of the structural dissimilarity (Wang et al. 2004).
-        gradient: weight of the multi-scale gradient magnitude dissimilarity (Zavrtanik et al.,
-            RIAD 2021; DRAEM's ablation found the map function worth several AUROC points).
         sigma: Gaussian smoothing in pixels.
+        **weights: `l2`, `l1`, `ssim`, `gradient` (`WeightedErrorTerms`).
     """
 
-    def __init__(
-        self,
-        l2: float = 1.0,
-        l1: float = 0.0,
-        ssim: float = 0.0,
-        gradient: float = 0.0,
-        sigma: float = 4.0,
-    ) -> None:
-        super().__init__()
-        self.weights = check_weights({"l2": l2, "l1": l1, "ssim": ssim, "gradient": gradient})
+    def __init__(self, sigma: float = 4.0, **weights: float) -> None:
+        super().__init__(**weights)
         if not sigma >= 0:
             raise ConfigError(f"anomaly map sigma must be >= 0 pixels, got {sigma}")
         self.sigma = sigma
@@ -59,8 +50,8 @@ class AnomalyMap(nn.Module):
         """
         image, reconstruction = image.float(), reconstruction.float()
         maps = torch.zeros_like(image[:, 0])  # (B, H, W)
-        for term, weight in self.weights.items():
-            maps = maps + weight * error_map(term, reconstruction, image)
+        for _, weight, err in self.error_maps(reconstruction, image):
+            maps = maps + weight * err
         if self.sigma > 0:
             maps = gaussian_filter(maps.unsqueeze(1), self.kernel).squeeze(1)
         return maps

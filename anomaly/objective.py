@@ -11,13 +11,12 @@ reconstruction); the loss below serves both.
 """
 
 import torch
-from torch import nn
 
 from anomaly.errors import ConfigError
-from anomaly.similarity import check_pair, check_weights, error_map
+from anomaly.similarity import WeightedErrorTerms, check_pair
 
 
-class ReconstructionLoss(nn.Module):
+class ReconstructionLoss(WeightedErrorTerms):
     """Weighted sum of per-pixel error terms, with corrupted pixels weighed apart.
 
     Every term's error map ``err`` (B, H, W) comes from `anomaly.similarity.error_map` (l2, l1,
@@ -27,25 +26,15 @@ class ReconstructionLoss(nn.Module):
     plain mean.
 
     Args:
-        l2: Weight of the squared error.
-        l1: Weight of the absolute error.
-        ssim: Weight of the structural dissimilarity; 2 gives the usual 1 - SSIM loss.
-        gradient: Weight of the multi-scale gradient magnitude dissimilarity.
         corrupted_weight: Factor on the corrupted region's share of every term.
+        **weights: `l2`, `l1`, `ssim`, `gradient` (`WeightedErrorTerms`); ssim = 2 gives the
+            usual 1 - SSIM loss.
     """
 
-    def __init__(
-        self,
-        l2: float = 1.0,
-        l1: float = 0.0,
-        ssim: float = 0.0,
-        gradient: float = 0.0,
-        corrupted_weight: float = 1.0,
-    ) -> None:
-        super().__init__()
+    def __init__(self, corrupted_weight: float = 1.0, **weights: float) -> None:
+        super().__init__(**weights)
         if not corrupted_weight >= 0:  # also rejects NaN
             raise ConfigError(f"corrupted_weight must be >= 0, got {corrupted_weight}")
-        self.weights = check_weights({"l2": l2, "l1": l1, "ssim": ssim, "gradient": gradient})
         self.corrupted_weight = float(corrupted_weight)
 
     def forward(
@@ -69,8 +58,7 @@ class ReconstructionLoss(nn.Module):
                 raise ValueError(f"expected mask of shape {expected}, got {tuple(mask.shape)}")
             mask = mask.to(pred.dtype).squeeze(1)  # (B, H, W)
         terms = {}
-        for name in self.weights:
-            err = error_map(name, pred, target)  # (B, H, W)
+        for name, _, err in self.error_maps(pred, target):  # err (B, H, W)
             if mask is None:
                 terms[name] = err.mean()
             else:

@@ -20,23 +20,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anomaly.errors import ConfigError
 
 ERROR_TERMS = ("l2", "l1", "ssim", "gradient")
 # ITU-R BT.601 luma weights, the usual RGB -> grayscale conversion.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def check_weights(weights: dict[str, float]) -> dict[str, float]:
-    """The nonzero weights of error terms; ConfigError unless all are >= 0 and one is > 0."""
-    for name, weight in weights.items():
-        if not weight >= 0:  # also rejects NaN
-            raise ConfigError(f"weight {name} must be >= 0, got {weight}")
-    nonzero = {name: float(weight) for name, weight in weights.items() if weight > 0}
-    if not nonzero:
-        raise ConfigError(f"at least one of the weights {tuple(weights)} must be > 0")
-    return nonzero
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -205,3 +195,31 @@ def error_map(term: str, prediction: torch.Tensor, target: torch.Tensor) -> torc
     if term == "gradient":
         return msgms_map(prediction, target).squeeze(1)
     raise ValueError(f"unknown error term {term!r}; expected one of {ERROR_TERMS}")
+
+
+class WeightedErrorTerms(nn.Module):
+    """The weights of the error terms that a loss or an anomaly map combines.
+
+    Args:
+        l2, l1, ssim, gradient: weight of each term of ERROR_TERMS; all >= 0, one > 0.
+
+    Raises:
+        ConfigError: a negative or NaN weight, or all weights zero.
+    """
+
+    def __init__(
+        self, l2: float = 1.0, l1: float = 0.0, ssim: float = 0.0, gradient: float = 0.0
+    ) -> None:
+        super().__init__()
+        weights = {"l2": l2, "l1": l1, "ssim": ssim, "gradient": gradient}
+        for name, weight in weights.items():
+            if not weight >= 0:  # also rejects NaN
+                raise ConfigError(f"weight {name} must be >= 0, got {weight}")
+        self.weights = {name: float(weight) for name, weight in weights.items() if weight > 0}
+        if not self.weights:
+            raise ConfigError(f"at least one of the weights {ERROR_TERMS} must be > 0")
+
+    def error_maps(self, prediction: torch.Tensor, target: torch.Tensor):
+        """Yield (term, weight, error map (B, H, W)) for every term with a nonzero weight."""
+        for term, weight in self.weights.items():
+            yield term, weight, error_map(term, prediction, target)

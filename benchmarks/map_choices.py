@@ -61,7 +61,7 @@ def score(setting: tuple, normal: tuple, test: tuple) -> dict:
     l2, ssim, gradient, sigma = setting
     # The network already ran: the detector only maps and scores the reconstructions.
     detector = AnomalyDetector(
-        nn.Identity(), AnomalyMap(l2, 0.0, ssim, gradient, sigma), None, True
+        nn.Identity(), AnomalyMap(sigma, l2=l2, ssim=ssim, gradient=gradient), None, True
     )
     statistics = NormalMapStatistics()
     statistics.update(detector.anomaly_map(*normal))

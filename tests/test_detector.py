@@ -53,7 +53,7 @@ def test_top_k_score_is_the_mean_of_the_largest_pixels():
 
 def test_perfect_reconstruction_gives_zero_map_for_every_term():
     image = torch.rand(2, 3, 32, 32)
-    maps = AnomalyMap(1.0, 1.0, 1.0, 1.0, sigma=4.0)(image, image.clone())
+    maps = AnomalyMap(sigma=4.0, l2=1.0, l1=1.0, ssim=1.0, gradient=1.0)(image, image.clone())
     assert maps.abs().max() < 1e-5
 
 
@@ -61,15 +61,15 @@ def test_a_local_defect_scores_highest_where_it_is():
     image = torch.full((1, 3, 64, 64), 0.5)
     reconstruction = image.clone()
     reconstruction[..., 40:46, 10:16] = 0.9
-    for weights in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)):
-        maps = AnomalyMap(*weights)(image, reconstruction)
+    for term in ("l2", "l1", "ssim", "gradient"):
+        maps = AnomalyMap(**{"l2": 0.0, term: 1.0})(image, reconstruction)
         row, col = divmod(int(maps[0].argmax()), 64)
         assert 38 <= row <= 48 and 8 <= col <= 18
 
 
 def test_bad_settings_raise_config_errors():
     with pytest.raises(ConfigError, match="at least one"):
-        AnomalyMap(0, 0, 0, 0)
+        AnomalyMap(l2=0.0)
     with pytest.raises(ConfigError, match="sigma"):
         AnomalyMap(sigma=-1.0)
     with pytest.raises(ConfigError, match="top_k"):

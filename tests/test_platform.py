@@ -29,9 +29,10 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def sweep_settings(data_dir: Path) -> list[str]:
-    """The tiny-run overrides for a multirun (its folder is set by hydra.sweep.dir)."""
-    return tiny_settings(data_dir, None)
+def run_sweep(sweep: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A multirun of tiny runs into `sweep` (one folder per job)."""
+    settings = tiny_settings(data_dir, None)
+    return run("train.py", "-m", *overrides, f"hydra.sweep.dir={sweep}", *settings)
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -40,15 +41,7 @@ def metrics_of(run_dir: Path) -> dict:
 
 def test_multirun_gives_one_folder_per_job_and_one_report(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    settings = sweep_settings(data_dir)
-    done = run(
-        "train.py",
-        "-m",
-        "model=residual_ae,sdc_ccm",
-        "seed=0",
-        f"hydra.sweep.dir={sweep}",
-        *settings,
-    )
+    done = run_sweep(sweep, data_dir, "model=residual_ae,sdc_ccm", "seed=0")
     assert done.returncode == 0, done.stderr[-3000:]
     models = {metrics_of(sweep / job)["model"] for job in ("0", "1")}
     assert models == {"residual_ae", "sdc_ccm"}
@@ -194,15 +187,12 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_in_the_same_folder_resumes(tmp_p
 )
 def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    settings = sweep_settings(data_dir)
-    done = run(
-        "train.py",
-        "-m",
+    done = run_sweep(
+        sweep,
+        data_dir,
         "hydra/launcher=submitit_local",
         "seed=1,2",
-        f"hydra.sweep.dir={sweep}",
         "hydra.launcher.timeout_min=10",
-        *settings,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
@@ -210,16 +200,7 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path, data_dir):
 
 def test_ddp_sim_under_multirun_keeps_one_folder_per_job(tmp_path, data_dir):
     sweep, logs = tmp_path / "sweep", tmp_path / "logs"
-    settings = sweep_settings(data_dir)
-    done = run(
-        "train.py",
-        "-m",
-        "trainer=ddp_sim",
-        "seed=1,2",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.log_dir={logs}",
-        *settings,
-    )
+    done = run_sweep(sweep, data_dir, "trainer=ddp_sim", "seed=1,2", f"paths.log_dir={logs}")
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]

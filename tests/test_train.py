@@ -16,6 +16,7 @@ from PIL import Image
 
 from anomaly.metrics import METRIC_KEYS
 from anomaly.visualization import TITLE_HEIGHT
+from tests.conftest import write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFECTS = {"crack", "faulty_imprint", "poke", "scratch", "squeeze"}
@@ -96,6 +97,26 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((eval_dir / "metrics.json").read_text()) == metrics
     assert (eval_dir / "scores.csv").read_text() == (train_dir / "scores.csv").read_text()
+    if model == "sdc_ccm":
+        # The same checkpoint on another, real-layout category: its data keys replace the saved.
+        write_tree(tmp_path / "real", category="widget")
+        other_dir = tmp_path / "other"
+        done = run(
+            "eval.py",
+            f"ckpt_path={best[0]}",
+            f"hydra.run.dir={other_dir}",
+            f"data.root={tmp_path / 'real'}",
+            "data.category=widget",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        other = json.loads((other_dir / "metrics.json").read_text())
+        assert (other["category"], other["image_size"], other["num_test_images"]) == (
+            "widget",
+            32,
+            7,
+        )
+        assert set(other["per_defect"]) == {"dent", "scratch"}
+        assert not (tmp_path / "real" / "widget" / ".synthetic.json").exists()
 
 
 def test_last_checkpoint_is_the_newest_epoch_even_when_the_best_is_older(tmp_path, data_dir):

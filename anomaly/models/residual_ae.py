@@ -19,17 +19,7 @@ import torch
 from torch import nn
 
 from anomaly.errors import ConfigError
-from anomaly.models.blocks import (
-    NEGATIVE_SLOPE,
-    UPSAMPLE_MODES,
-    as_pair,
-    check_divisible,
-    check_image_batch,
-    check_norm,
-    check_widths,
-    conv_norm_act,
-    make_norm,
-)
+from anomaly.models import blocks
 
 
 class ResidualBlock(nn.Module):
@@ -41,12 +31,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, norm: str, stride: int = 1) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            conv_norm_act(in_channels, out_channels, norm, stride=stride),
+            blocks.conv_norm_act(in_channels, out_channels, norm, stride=stride),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=norm == "none"),
-            make_norm(norm, out_channels),
+            blocks.make_norm(norm, out_channels),
         )
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
-        self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
+        self.act = nn.LeakyReLU(blocks.NEGATIVE_SLOPE, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + self.shortcut(x))
@@ -100,24 +90,26 @@ class ResidualAutoencoder(nn.Module):
         upsample: str = "nearest",
     ) -> None:
         super().__init__()
-        channels = check_widths(in_channels, channels)
-        check_norm(norm)
+        channels = blocks.check_widths(in_channels, channels)
+        blocks.check_norm(norm)
         if latent_channels < 1:
             raise ConfigError(f"latent_channels must be >= 1, got {latent_channels}")
-        if upsample not in UPSAMPLE_MODES:
-            raise ConfigError(f"unknown upsample {upsample!r}; expected one of {UPSAMPLE_MODES}")
+        if upsample not in blocks.UPSAMPLE_MODES:
+            raise ConfigError(
+                f"unknown upsample {upsample!r}; expected one of {blocks.UPSAMPLE_MODES}"
+            )
         if latent_dim is not None and latent_dim < 1:
             raise ConfigError(f"latent_dim must be >= 1 or None, got {latent_dim}")
         if latent_dim is not None and image_size is None:
             raise ConfigError("latent_dim needs image_size: the linear latent layers depend on it")
         self.in_channels = in_channels
         self.num_blocks = len(channels)
-        self.image_size = None if image_size is None else as_pair(image_size)
+        self.image_size = None if image_size is None else blocks.as_pair(image_size)
         if self.image_size is not None:
-            check_divisible(*self.image_size, self.num_blocks)
+            blocks.check_divisible(*self.image_size, self.num_blocks)
 
         widths = (channels[0], *channels)  # the stem keeps the first width
-        self.stem = conv_norm_act(in_channels, channels[0], norm)
+        self.stem = blocks.conv_norm_act(in_channels, channels[0], norm)
         self.encoder = nn.Sequential(
             *(ResidualBlock(widths[i], widths[i + 1], norm, stride=2) for i in range(len(channels)))
         )
@@ -126,7 +118,7 @@ class ResidualAutoencoder(nn.Module):
             self.bottleneck = nn.Sequential(
                 # A linear projection: the latent code itself has no activation.
                 nn.Conv2d(deepest, latent_channels, 1),
-                conv_norm_act(latent_channels, deepest, norm, kernel_size=1),
+                blocks.conv_norm_act(latent_channels, deepest, norm, kernel_size=1),
             )
         else:
             h, w = (s // 2**self.num_blocks for s in self.image_size)
@@ -136,7 +128,7 @@ class ResidualAutoencoder(nn.Module):
                 nn.Linear(flat, latent_dim),
                 nn.Linear(latent_dim, flat),
                 nn.Unflatten(1, (deepest, h, w)),
-                nn.LeakyReLU(NEGATIVE_SLOPE),
+                nn.LeakyReLU(blocks.NEGATIVE_SLOPE),
             )
         self.decoder = nn.Sequential(
             *(
@@ -157,8 +149,8 @@ class ResidualAutoencoder(nn.Module):
         Returns:
             Reconstructions (B, in_channels, H, W) in [0, 1].
         """
-        check_image_batch(x, self.in_channels)
-        check_divisible(x.shape[2], x.shape[3], self.num_blocks)
+        blocks.check_image_batch(x, self.in_channels)
+        blocks.check_divisible(x.shape[2], x.shape[3], self.num_blocks)
         if self.fully_connected and tuple(x.shape[2:]) != self.image_size:
             raise ValueError(
                 f"this model has a fully connected latent for image size {self.image_size}, "

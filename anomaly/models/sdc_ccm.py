@@ -26,15 +26,7 @@ import torch
 from torch import nn
 
 from anomaly.errors import ConfigError
-from anomaly.models.blocks import (
-    NEGATIVE_SLOPE,
-    check_divisible,
-    check_image_batch,
-    check_norm,
-    check_widths,
-    conv_norm_act,
-    make_norm,
-)
+from anomaly.models import blocks
 
 SKIPS = ("ccm", "concat", "none")
 
@@ -61,9 +53,9 @@ class SDCBlock(nn.Module):
             nn.Conv2d(channels, branch, 3, padding=d, dilation=d, bias=False) for d in dilations
         )
         self.fuse = nn.Sequential(
-            make_norm(norm, branch * len(dilations)),
-            nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
-            conv_norm_act(branch * len(dilations), channels, norm, kernel_size=1),
+            blocks.make_norm(norm, branch * len(dilations)),
+            nn.LeakyReLU(blocks.NEGATIVE_SLOPE, inplace=True),
+            blocks.conv_norm_act(branch * len(dilations), channels, norm, kernel_size=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +91,7 @@ class ConcatFuse(nn.Module):
 
     def __init__(self, channels: int, norm: str) -> None:
         super().__init__()
-        self.fuse = conv_norm_act(2 * channels, channels, norm, kernel_size=1)
+        self.fuse = blocks.conv_norm_act(2 * channels, channels, norm, kernel_size=1)
 
     def forward(self, e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return self.fuse(torch.cat([e, d], dim=1))  # (B, C, H, W)
@@ -116,7 +108,7 @@ class UpStage(nn.Module):
         # Convolving before upsampling costs a quarter; the refining conv after the merge
         # smooths the nearest-neighbour blocks.
         self.up = nn.Sequential(
-            conv_norm_act(in_channels, out_channels, norm),
+            blocks.conv_norm_act(in_channels, out_channels, norm),
             nn.Upsample(scale_factor=2, mode="nearest"),
         )
         if skip == "ccm":
@@ -125,7 +117,7 @@ class UpStage(nn.Module):
             self.merge = ConcatFuse(out_channels, norm)
         else:
             self.merge = None
-        self.refine = conv_norm_act(out_channels, out_channels, norm)
+        self.refine = blocks.conv_norm_act(out_channels, out_channels, norm)
 
     def forward(self, d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         d = self.up(d)  # (B, C_out, 2h, 2w)
@@ -164,7 +156,7 @@ class SDCCCMAutoencoder(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        channels = check_widths(in_channels, channels)
+        channels = blocks.check_widths(in_channels, channels)
         dilations = tuple(int(d) for d in dilations)
         if not dilations or min(dilations) < 1 or num_sdc_blocks < 0:
             raise ConfigError(
@@ -173,17 +165,17 @@ class SDCCCMAutoencoder(nn.Module):
             )
         if skip not in SKIPS:
             raise ConfigError(f"unknown skip {skip!r}; expected one of {SKIPS}")
-        check_norm(norm)
+        blocks.check_norm(norm)
         self.in_channels = in_channels
         self.num_down = len(channels) - 1
         if not sdc:
             dilations = (1,) * len(dilations)
 
-        self.stem = conv_norm_act(in_channels, channels[0], norm)
+        self.stem = blocks.conv_norm_act(in_channels, channels[0], norm)
         self.down = nn.ModuleList(
             nn.Sequential(  # (B, C_i, h, w) -> (B, C_i+1, h / 2, w / 2)
-                conv_norm_act(channels[i], channels[i + 1], norm, stride=2),
-                conv_norm_act(channels[i + 1], channels[i + 1], norm),
+                blocks.conv_norm_act(channels[i], channels[i + 1], norm, stride=2),
+                blocks.conv_norm_act(channels[i + 1], channels[i + 1], norm),
             )
             for i in range(self.num_down)
         )
@@ -205,8 +197,8 @@ class SDCCCMAutoencoder(nn.Module):
         Returns:
             Reconstructions (B, in_channels, H, W) in [0, 1].
         """
-        check_image_batch(x, self.in_channels)
-        check_divisible(x.shape[2], x.shape[3], self.num_down)
+        blocks.check_image_batch(x, self.in_channels)
+        blocks.check_divisible(x.shape[2], x.shape[3], self.num_down)
         skips = [self.stem(x)]  # (B, C_0, H, W)
         for stage in self.down:
             skips.append(stage(skips[-1]))  # (B, C_i, H / 2^i, W / 2^i)
