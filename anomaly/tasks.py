@@ -73,14 +73,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         (test metrics as written to metrics.json, validation metrics of the best checkpoint).
     """
     L.seed_everything(cfg.seed, workers=True)
+    # Checked before anything is written, so a refused checkpoint leaves the run folder as it was.
+    ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.model.name)
     save_resolved_config(cfg)
-    ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     model = build_module(cfg.model)
     trainer = None
     try:
         trainer = build_trainer(cfg, [ConfigInCheckpoint(cfg)])
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         val_metrics = {
             key: float(value)
             for key, value in trainer.callback_metrics.items()
@@ -95,7 +96,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             logger.log_hyperparams({"best_checkpoint": best})
         test_metrics = {}
         if cfg.get("test", True):
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             test_metrics = model.test_results
     finally:
         close_job(trainer)
@@ -134,7 +135,7 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = None
     try:
         trainer = build_trainer(cfg)
-        trainer.test(model, datamodule=datamodule, ckpt_path=str(path), weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=str(path), weights_only=True)
     finally:
         close_job(trainer)
     return model.test_results

@@ -137,7 +137,7 @@ def wait_for_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 
         assert process.poll() is None, "training ended before the checkpoint appeared"
         assert time.monotonic() < deadline, f"{path} did not appear"
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except (FileNotFoundError, RuntimeError, EOFError):
             time.sleep(0.05)
 
@@ -173,7 +173,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_in_the_same_folder_resumes(tmp_p
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     assert not (run_dir / "metrics.json").exists()
     # Saved by the signal, in the middle of the second epoch: neither epoch end has this step.
-    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert steps_per_epoch < step < 2 * steps_per_epoch
     done = run("train.py", *settings)  # a requeued job: same command, same folder
     assert done.returncode == 0, done.stderr[-3000:]

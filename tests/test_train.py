@@ -129,8 +129,8 @@ def test_last_checkpoint_is_the_newest_epoch_even_when_the_best_is_older(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     folder = run_dir / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["epoch_000.ckpt", "last.ckpt"]
-    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-    best = torch.load(folder / "epoch_000.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(folder / "epoch_000.ckpt", map_location="cpu", weights_only=True)
     assert (last["epoch"], best["epoch"]) == (2, 0)
     assert last["global_step"] == 3 * best["global_step"]
 
