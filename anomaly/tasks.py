@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.callbacks import ConfigInCheckpoint
 from anomaly.checkpoints import read_checkpoint, resume_path
+from anomaly.config_checks import check_training_config
 from anomaly.detector import AnomalyDetector
 from anomaly.metrics import METRIC_KEYS
 from anomaly.module import AnomalyModule
@@ -73,11 +74,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         (test metrics as written to metrics.json, validation metrics of the best checkpoint).
     """
     L.seed_everything(cfg.seed, workers=True)
-    # Checked before anything is written, so a refused checkpoint leaves the run folder as it was.
+    # Checked before anything is written: a refused setting or checkpoint leaves the folder as is.
+    model = build_module(cfg.model)
+    check_training_config(cfg, model.detector.net.stride)
     ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.model.name)
     save_resolved_config(cfg)
     datamodule = instantiate(cfg.data)
-    model = build_module(cfg.model)
     trainer = None
     try:
         trainer = build_trainer(cfg, [ConfigInCheckpoint(cfg)])

@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from anomaly.config_checks import check_training_config
+from anomaly.errors import ConfigError
 from anomaly.tasks import build_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -29,6 +31,7 @@ def composed(overrides: list[str], config: str = "train"):
 def test_experiment_presets_build(experiment):
     cfg = composed([f"experiment={experiment}", "data.root=/data/mvtec"])
     model = build_module(cfg.model)
+    check_training_config(cfg, model.detector.net.stride)
     datamodule = instantiate(cfg.data)
     assert datamodule.category == "capsule" and datamodule.image_size in (128, 256)
     assert model.name in experiment or experiment in ("capsule_cpu", "capsule_gpu")
@@ -89,3 +92,49 @@ def test_groups_compose(model, trainer, logger):
     assert cfg.data.corruption.prob == (0.0 if model == "residual_ae" else 0.8)
     assert all("_target_" in entry for entry in cfg.logger.values())
     assert cfg.data.image_size == 32 and cfg.trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=mvtec"], "data.root=None is out of range"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0 is out of range"),
+        (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 is out of range"),
+        (
+            ["trainer.max_epochs=-1", "trainer.max_time=00:00:01:00"],
+            "model.scheduler anneals over it",
+        ),
+        (["data.batch_size=0"], "data.batch_size=0 is out of range: a batch size >= 1"),
+        (["data.eval_batch_size=-2"], "data.eval_batch_size=-2"),
+        (["data.num_workers=-1"], "data.num_workers=-1"),
+        (["data.image_size=0"], "data.image_size=0 is out of range"),
+        (["data.image_size=66"], "a multiple of 4 \\(the network's stride\\)"),
+        (["model=residual_ae", "data.image_size=[64,72]"], "multiple of 16"),
+        (
+            ["data.val_fraction=1.0"],
+            "data.val_fraction=1.0 is out of range: a number in \\(0, 1\\)",
+        ),
+        (["model.objective.corruption.prob=2"], "model.objective.corruption.prob=2"),
+        (["model.objective.corruption.texture_prob=-1"], "corruption.texture_prob=-1"),
+        (["data.augment.rotate=-5"], "data.augment.rotate=-5"),
+    ],
+)
+def test_out_of_range_settings_are_config_errors_naming_the_key(overrides, message):
+    cfg = composed(overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_training_config(cfg, build_module(cfg.model).detector.net.stride)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_defaults_and_a_time_budget_without_epoch_limit_pass_the_checks(model):
+    for overrides in (
+        [f"model={model}"],
+        [
+            f"model={model}",
+            "model.scheduler=null",
+            "trainer.max_epochs=-1",
+            "trainer.max_time=00:00:01:00",
+        ],
+    ):
+        cfg = composed(overrides)
+        check_training_config(cfg, build_module(cfg.model).detector.net.stride)

@@ -104,6 +104,8 @@ class ResidualAutoencoder(nn.Module):
             raise ConfigError("latent_dim needs image_size: the linear latent layers depend on it")
         self.in_channels = in_channels
         self.num_blocks = len(channels)
+        # H and W must be multiples of this (every encoder block halves them).
+        self.stride = 2**self.num_blocks
         self.image_size = None if image_size is None else blocks.as_pair(image_size)
         if self.image_size is not None:
             blocks.check_divisible(*self.image_size, self.num_blocks)

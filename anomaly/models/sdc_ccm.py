@@ -168,6 +168,8 @@ class SDCCCMAutoencoder(nn.Module):
         blocks.check_norm(norm)
         self.in_channels = in_channels
         self.num_down = len(channels) - 1
+        # H and W must be multiples of this (every encoder stage after the first halves them).
+        self.stride = 2**self.num_down
         if not sdc:
             dilations = (1,) * len(dilations)
 

@@ -1,0 +1,63 @@
+"""Checks of a training config before anything runs: each bad value is a one-line ConfigError
+naming the key, the value and the range."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from anomaly.errors import ConfigError
+
+
+def _fail(key: str, value, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+def _check_int(key: str, value, low: int, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(key, value, allowed)
+
+
+def _check_fraction(key: str, value, low_open: bool = False, high_open: bool = False) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low_ok and high_ok):
+        bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        _fail(key, value, f"a number in {bounds}")
+
+
+def check_training_config(cfg: DictConfig, stride: int) -> None:
+    """Raise ConfigError for the first setting of `cfg` outside its range.
+
+    Args:
+        cfg: the composed training config.
+        stride: the network's total downsampling; image sides must be multiples of it.
+    """
+    data, trainer, model = cfg.data, cfg.trainer, cfg.model
+    if data.root is None:
+        _fail("data.root", None, "the folder that holds <category>/train, test, ground_truth")
+    epochs = trainer.max_epochs
+    if trainer.get("max_time") is None or epochs != -1:
+        _check_int("trainer.max_epochs", epochs, 1, "an epoch count >= 1 (or -1 with max_time)")
+    if model.scheduler is not None and epochs is not None and epochs < 1:
+        _fail(
+            "trainer.max_epochs",
+            epochs,
+            "model.scheduler anneals over it: >= 1, or set model.scheduler=null",
+        )
+    _check_int("data.batch_size", data.batch_size, 1, "a batch size >= 1")
+    if data.get("eval_batch_size") is not None:
+        _check_int("data.eval_batch_size", data.eval_batch_size, 1, "a batch size >= 1 or null")
+    _check_int("data.num_workers", data.num_workers, 0, "a worker count >= 0")
+    sides = [data.image_size] if isinstance(data.image_size, int) else list(data.image_size)
+    allowed = f"a side, or [H, W], >= {stride} and a multiple of {stride} (the network's stride)"
+    if len(sides) not in (1, 2):
+        _fail("data.image_size", data.image_size, allowed)
+    for side in sides:
+        if isinstance(side, bool) or not isinstance(side, int) or side < stride or side % stride:
+            _fail("data.image_size", data.image_size, allowed)
+    _check_fraction("data.val_fraction", data.val_fraction, low_open=True, high_open=True)
+    for key, value in model.objective.corruption.items():
+        _check_fraction(f"model.objective.corruption.{key}", value)
+    for key, value in (data.get("augment") or {}).items():
+        if not isinstance(value, (int, float)) or not value >= 0:
+            _fail(f"data.augment.{key}", value, "an amount >= 0")
