@@ -18,10 +18,12 @@ def _check_int(key: str, value, low: int, allowed: str) -> None:
 
 
 def _check_fraction(key: str, value, low_open: bool = False, high_open: bool = False) -> None:
+    bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, f"a number in {bounds}")
     low_ok = value > 0 if low_open else value >= 0
     high_ok = value < 1 if high_open else value <= 1
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low_ok and high_ok):
-        bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+    if not (low_ok and high_ok):  # NaN fails both
         _fail(key, value, f"a number in {bounds}")
 
 
@@ -36,9 +38,9 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     if data.root is None:
         _fail("data.root", None, "the folder that holds <category>/train, test, ground_truth")
     epochs = trainer.max_epochs
-    if trainer.get("max_time") is None or epochs != -1:
+    if trainer.get("max_time") is None or epochs not in (-1, None):
         _check_int("trainer.max_epochs", epochs, 1, "an epoch count >= 1 (or -1 with max_time)")
-    if model.scheduler is not None and epochs is not None and epochs < 1:
+    if model.scheduler is not None and (epochs is None or epochs < 1):
         _fail(
             "trainer.max_epochs",
             epochs,
@@ -59,5 +61,5 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     for key, value in model.objective.corruption.items():
         _check_fraction(f"model.objective.corruption.{key}", value)
     for key, value in (data.get("augment") or {}).items():
-        if not isinstance(value, (int, float)) or not value >= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             _fail(f"data.augment.{key}", value, "an amount >= 0")

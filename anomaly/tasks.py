@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         (test metrics as written to metrics.json, validation metrics of the best checkpoint).
     """
     L.seed_everything(cfg.seed, workers=True)
-    # Checked before anything is written: a refused setting or checkpoint leaves the folder as is.
+    # Checked before this task writes anything (config_resolved.yaml, checkpoints, logs).
     model = build_module(cfg.model)
     check_training_config(cfg, model.detector.net.stride)
     ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.model.name)

@@ -116,6 +116,8 @@ def test_groups_compose(model, trainer, logger):
         ),
         (["model.objective.corruption.prob=2"], "model.objective.corruption.prob=2"),
         (["model.objective.corruption.texture_prob=-1"], "corruption.texture_prob=-1"),
+        (["model.objective.corruption.prob=often"], "corruption.prob='often' is out of range"),
+        (["model.objective.corruption.prob=nan"], "corruption.prob=nan is out of range"),
         (["data.augment.rotate=-5"], "data.augment.rotate=-5"),
     ],
 )
