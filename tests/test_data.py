@@ -7,15 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from anomaly.data.images import load_image, load_mask
 from anomaly.data.mvtec import MVTecDataset, check_category, list_samples
 from anomaly.data.samplers import EpochSampler, ShardSampler
+from anomaly.data.textures import TextureSource, check_textures
 from anomaly.errors import DatasetError
-from tests.conftest import SHARED_MVTEC, make_datamodule, write_tree
+from tests.conftest import SHARED_DTD, SHARED_MVTEC, make_datamodule, write_tree
 
 
 def problems_of(root: Path, category: str = "widget") -> list[str]:
@@ -73,7 +76,7 @@ def test_check_names_every_problem(tiny_tree):
     expected = [
         ("dent/000.png", "mask"),
         ("001_mask.png", "10x10"),
-        ("scratch/000_mask.png", "not binary"),
+        ("scratch/000_mask.png", "expected 0 for normal pixels"),
         ("good/000.png", "0 bytes"),
         ("good/001.png", "truncated"),
         ("good/002.png", "unreadable"),
@@ -164,3 +167,228 @@ def test_dataset_problem_stops_setup_with_one_line(tiny_tree):
     with pytest.raises(DatasetError, match="dent/001.png") as error:
         make_datamodule(tiny_tree)
     assert "\n" not in str(error.value)
+
+
+# --- 16-bit and float images -----------------------------------------------------------------
+
+# A 16-bit gradient over the full range (H, W) = (8, 64), and its expected 8-bit values.
+GRADIENT_16 = np.linspace(0, 65535, 8 * 64).round().astype(np.uint16).reshape(8, 64)
+GRADIENT_8 = np.rint(GRADIENT_16 * 255.0 / 65535.0)
+
+
+def assert_close_to(pixels: np.ndarray, expected: np.ndarray) -> None:
+    assert pixels.dtype == np.uint8 and pixels.shape == expected.shape
+    assert np.abs(pixels.astype(np.int64) - expected).max() <= 1
+
+
+def test_16bit_grayscale_png_is_scaled_not_white(tmp_path):
+    path = tmp_path / "gray16.png"
+    Image.fromarray(GRADIENT_16).save(path)
+    assert Image.open(path).mode == "I;16"
+    assert_close_to(load_image(path, (8, 64)), np.repeat(GRADIENT_8[..., None], 3, axis=2))
+
+
+def test_16bit_rgb_png_from_cv2_is_scaled(tmp_path):
+    path = tmp_path / "rgb16.png"
+    rgb = np.stack([GRADIENT_16, 65535 - GRADIENT_16, GRADIENT_16 // 3], axis=-1)
+    assert cv2.imwrite(str(path), rgb[..., ::-1])  # cv2 writes BGR
+    expected = np.stack([GRADIENT_8, 255 - GRADIENT_8, np.rint(rgb[..., 2] / 65535 * 255)], -1)
+    assert_close_to(load_image(path, (8, 64)), expected)
+
+
+def test_32bit_integer_and_float_images_are_scaled(tmp_path):
+    Image.fromarray(GRADIENT_16.astype(np.int32), "I").save(tmp_path / "int32.tif")
+    Image.fromarray((GRADIENT_16 / 65535).astype(np.float32), "F").save(tmp_path / "float.tif")
+    for name in ("int32.tif", "float.tif"):
+        assert_close_to(load_image(tmp_path / name, (8, 64))[..., 0], GRADIENT_8)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "mode", "words"),
+    [
+        (np.array([[0, 70000]], np.int32), "I", r"values in \[0, 70000\]; expected 16-bit"),
+        (np.array([[0.0, 2.5]], np.float32), "F", r"values in \[0, 2.5\]; expected values in"),
+        (np.array([[0.0, np.nan]], np.float32), "F", "NaN or infinite"),
+    ],
+)
+def test_out_of_range_deep_images_are_refused(tmp_path, pixels, mode, words):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(pixels, mode).save(path)
+    with pytest.raises(DatasetError, match=f"deep.tif: .*{words}"):
+        load_image(path, (1, 2))
+
+
+def write_16bit_tree(root: Path) -> Path:
+    """A `write_tree` category whose images and masks are re-saved as 16-bit grayscale PNGs."""
+    base = write_tree(root, num_train=4, num_good=1, defects={"dent": 1}, mode="L")
+    for path in base.rglob("*.png"):
+        pixels = np.asarray(Image.open(path)).astype(np.uint16) * 257  # 8 -> 16 bit, exactly
+        Image.fromarray(pixels).save(path)
+    return base
+
+
+def test_check_accepts_16bit_images_and_reports_their_mode(tmp_path):
+    write_16bit_tree(tmp_path)
+    report = check_category(tmp_path, "widget")
+    assert report["problems"] == []
+    assert report["image_modes"] == {"I;16": 6} and report["num_masks"] == 1
+
+
+def test_16bit_images_load_with_their_8bit_values(tmp_path):
+    base = write_16bit_tree(tmp_path)
+    path = base / "test" / "dent" / "000.png"
+    expected = np.asarray(Image.open(path)) // 257  # the 8-bit values the tree was made from
+    sample = MVTecDataset(list_samples(tmp_path, "widget", "test"), image_size=(52, 40))[0]
+    assert sample["path"] == str(path)
+    assert torch.equal(sample["image"][0], torch.from_numpy(expected / 255.0).float())
+    assert sample["mask"].sum() == 13 * 10  # the square of `write_tree`, 16-bit {0, 65535}
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+
+def save_mask(path: Path, values: np.ndarray) -> None:
+    Image.fromarray(values).save(path)
+
+
+@pytest.mark.parametrize(
+    "level", [np.uint8(1), np.uint8(100), np.uint8(128), np.uint8(255), np.uint16(1)]
+)
+def test_two_level_mask_is_defect_where_it_is_not_zero(tmp_path, level):
+    values = np.zeros((6, 8), dtype=level.dtype)
+    values[1:3, 2:7] = level
+    save_mask(tmp_path / "m.png", values)
+    assert np.array_equal(load_mask(tmp_path / "m.png", (6, 8)), (values > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("level", [1, 100, 128])
+def test_check_accepts_any_two_level_mask(tiny_tree, level):
+    for path in (tiny_tree / "widget" / "ground_truth").rglob("*_mask.png"):
+        values = np.asarray(Image.open(path))
+        save_mask(path, np.where(values > 0, level, 0).astype(np.uint8))
+    assert problems_of(tiny_tree) == []
+
+
+def test_check_lists_the_values_of_a_many_valued_mask(tiny_tree):
+    path = tiny_tree / "widget" / "ground_truth" / "dent" / "001_mask.png"
+    values = np.zeros((52, 40), dtype=np.uint8)
+    values[0:5], values[5:10], values[10:15] = 50, 128, 255
+    save_mask(path, values)
+    expected = (
+        f"{path}: mask has 4 distinct values (0, 50, 128, 255); "
+        "expected 0 for normal pixels and one value for defect pixels"
+    )
+    problems = problems_of(tiny_tree)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_check_shortens_a_long_list_of_mask_values(tiny_tree):
+    path = tiny_tree / "widget" / "ground_truth" / "dent" / "001_mask.png"
+    save_mask(path, np.arange(52 * 40).reshape(52, 40).astype(np.uint8))  # 256 values
+    (problem,) = problems_of(tiny_tree)
+    assert "mask has 256 distinct values (0, 1, 2, 3, 4, 5, ...)" in problem
+
+
+def test_check_reports_an_empty_mask(tiny_tree):
+    path = tiny_tree / "widget" / "ground_truth" / "scratch" / "001_mask.png"
+    save_mask(path, np.zeros((52, 40), dtype=np.uint8))
+    (problem,) = problems_of(tiny_tree)
+    assert problem.startswith(f"{path}: mask is empty") and "no defect pixel" in problem
+
+
+def test_check_reports_masks_without_images(tiny_tree):
+    truth = tiny_tree / "widget" / "ground_truth"
+    (tiny_tree / "widget" / "test" / "dent" / "001.png").unlink()
+    (truth / "dent" / "000_mask.png").rename(truth / "dent" / "000.png")  # misnamed
+    (truth / "crack").mkdir()
+    (truth / "dent" / "001_mask.png").rename(truth / "crack" / "000_mask.png")
+    problems = problems_of(tiny_tree)
+    test_dir = tiny_tree / "widget" / "test"
+    expected = [
+        f"{test_dir / 'dent' / '000.png'}: ground-truth mask "
+        f"{truth / 'dent' / '000_mask.png'} is missing",
+        f"{truth / 'crack'}: ground-truth folder without a test folder; "
+        f"expected {test_dir / 'crack'}",
+        f"{truth / 'dent' / '000.png'}: mask without image; expected {test_dir / 'dent'}/<id>.",
+    ]
+    assert len(problems) == len(expected), problems
+    for line in expected:
+        assert any(p.startswith(line) for p in problems), (line, problems)
+
+
+def test_check_reports_a_stray_mask_of_a_removed_image(tiny_tree):
+    (tiny_tree / "widget" / "test" / "scratch" / "001.png").unlink()
+    mask = tiny_tree / "widget" / "ground_truth" / "scratch" / "001_mask.png"
+    expected = f"{mask}: mask without image; expected "
+    expected += f"{tiny_tree / 'widget' / 'test' / 'scratch' / '001'}.<suffix>"
+    assert [p.split(" (")[0] for p in problems_of(tiny_tree)] == [expected]
+
+
+# --- textures --------------------------------------------------------------------------------
+
+
+def write_dtd(root: Path, bad: bool = True) -> Path:
+    """A tiny DTD tree: two good JPGs and, when `bad`, a text file and a truncated JPG."""
+    rng = np.random.default_rng(5)
+    for category in ("banded", "dotted"):
+        (root / "images" / category).mkdir(parents=True)
+        pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / category / f"{category}_0001.jpg")
+    if bad:
+        (root / "images" / "banded" / "notes.jpg").write_text("not an image")
+        data = (root / "images" / "dotted" / "dotted_0001.jpg").read_bytes()
+        (root / "images" / "dotted" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def test_check_textures_names_each_bad_file(tmp_path):
+    dtd = write_dtd(tmp_path / "dtd")
+    problems = check_textures(dtd)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{dtd / 'images' / 'banded' / 'notes.jpg'}: unreadable")
+    assert problems[1].startswith(f"{dtd / 'images' / 'dotted' / 'cut.jpg'}: unreadable")
+    assert check_textures(write_dtd(tmp_path / "clean", bad=False)) == []
+    (problem,) = check_textures(tmp_path / "nowhere")
+    assert "does not exist" in problem
+
+
+def test_texture_source_names_a_file_that_does_not_decode(tmp_path):
+    (tmp_path / "images" / "banded").mkdir(parents=True)
+    (tmp_path / "images" / "banded" / "notes.jpg").write_text("not an image")
+    with pytest.raises(DatasetError, match="banded/notes.jpg: unreadable"):
+        TextureSource(tmp_path).sample(np.random.default_rng(0), 8, 8)
+
+
+def test_bad_texture_stops_setup_with_one_line(tiny_tree, tmp_path):
+    dtd = write_dtd(tmp_path / "dtd")
+    with pytest.raises(DatasetError, match=r"notes.jpg: .*\(and 1 more problems\)") as error:
+        make_datamodule(tiny_tree, dtd_root=str(dtd))
+    assert "\n" not in str(error.value) and f"dtd_root={dtd}`" in str(error.value)
+    make_datamodule(tiny_tree, dtd_root=str(write_dtd(tmp_path / "clean", bad=False)))
+
+
+def test_check_command_reports_textures(tiny_tree, tmp_path):
+    dtd = write_dtd(tmp_path / "dtd")
+    command = [sys.executable, "-m", "anomaly.data", f"root={tiny_tree}", "category=widget"]
+    command.append(f"dtd_root={dtd}")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and (report["dtd_root"], report["num_textures"]) == (str(dtd), 4)
+    assert list(report)[-1] == "problems" and len(report["problems"]) == 2
+    assert all("dtd/images/" in p for p in report["problems"])
+
+
+@pytest.mark.skipif(not (SHARED_DTD / "images").is_dir(), reason="shared DTD data absent")
+def test_real_dtd_textures_all_decode():
+    assert check_textures(SHARED_DTD) == []
+
+
+def test_validation_holds_out_enough_normals_for_the_statistics(tmp_path, caplog):
+    write_tree(tmp_path, num_train=12)
+    with caplog.at_level("WARNING"):
+        datamodule = make_datamodule(tmp_path, val_fraction=0.1)  # 0.1 x 12 rounds to 1
+    assert len(datamodule.val_set.images) == 3 and len(datamodule.train_set) == 9
+    assert "holding out 3 of 12 normal images" in caplog.text
+    write_tree(tmp_path / "few", num_train=3)
+    with pytest.raises(DatasetError, match="3 normal images are too few; validation holds out"):
+        make_datamodule(tmp_path / "few", val_fraction=0.1)

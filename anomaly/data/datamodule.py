@@ -7,6 +7,7 @@ model's objective says so), val (the held-out normals plus fixed corrupted copie
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,29 @@ from anomaly.data.mvtec import MVTecDataset, check_category, list_samples
 from anomaly.data.samplers import EpochSampler, ShardSampler
 from anomaly.data.splits import TrainDataset, ValidationDataset, build_augmentation
 from anomaly.data.synthetic import ensure_generated
-from anomaly.data.textures import TextureSource
+from anomaly.data.textures import TextureSource, check_textures
 from anomaly.errors import ConfigError, DatasetError
+
+log = logging.getLogger(__name__)
+
+
+# Held-out normal images at least: the per-pixel spread of their maps must be estimable.
+MIN_HELD_OUT = 3
+
+
+def held_out_count(num_normals: int, val_fraction: float) -> int:
+    """How many normal training images validation holds out: the fraction, at least
+    `MIN_HELD_OUT`."""
+    wanted = round(val_fraction * num_normals)
+    if wanted < MIN_HELD_OUT:
+        log.warning(
+            "holding out %d of %d normal images for validation (data.val_fraction=%s gives %d)",
+            MIN_HELD_OUT,
+            num_normals,
+            val_fraction,
+            wanted,
+        )
+    return max(MIN_HELD_OUT, wanted)
 
 
 class AnomalyDataModule(LightningDataModule):
@@ -90,14 +112,19 @@ class AnomalyDataModule(LightningDataModule):
             )
 
     def check(self) -> None:
-        """Raise DatasetError (one line, naming the file) when the dataset has a problem."""
+        """Raise DatasetError (one line, naming the file) when the data or textures have a problem.
+
+        The textures of `dtd_root`, when set, are decoded too, so a bad file stops the run before
+        training starts rather than in a worker mid-epoch.
+        """
         problems = check_category(self.root, self.category)["problems"]
+        command = f"python -m anomaly.data root={self.root} category={self.category}"
+        if self.dtd_root is not None:
+            problems += check_textures(self.dtd_root)
+            command += f" dtd_root={self.dtd_root}"
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise DatasetError(
-                f"{problems[0]}{more}; run `python -m anomaly.data "
-                f"root={self.root} category={self.category}` for the full list"
-            )
+            raise DatasetError(f"{problems[0]}{more}; run `{command}` for the full list")
 
     @property
     def test_defect_types(self) -> list[str]:
@@ -112,11 +139,12 @@ class AnomalyDataModule(LightningDataModule):
         textures = TextureSource(self.dtd_root)
         normals = list_samples(self.root, self.category, "train")
         order = np.random.default_rng([self.seed]).permutation(len(normals))
-        num_val = max(1, round(self.val_fraction * len(normals)))
+        num_val = held_out_count(len(normals), self.val_fraction)
         if num_val >= len(normals):
             raise DatasetError(
-                f"{self.root}/{self.category}/train: {len(normals)} normal images are too few to "
-                f"hold out {num_val} for validation"
+                f"{self.root}/{self.category}/train: {len(normals)} normal images are too few; "
+                f"validation holds out at least {MIN_HELD_OUT} (the normal-map statistics need "
+                "them) and training needs the rest: add normal images"
             )
         val_records = [normals[i] for i in sorted(order[:num_val])]
         train_records = [normals[i] for i in sorted(order[num_val:])]

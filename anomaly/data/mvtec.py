@@ -16,9 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from anomaly.data.images import image_files, load_image, load_mask, open_image
+from anomaly.data.images import (
+    image_files,
+    load_image,
+    load_mask,
+    mask_levels,
+    mask_problem,
+    open_image,
+    rgb_pixels,
+)
 from anomaly.errors import DatasetError
 from anomaly.models.blocks import as_pair
 
@@ -73,9 +82,12 @@ def list_samples(root: str | Path, category: str, split: str) -> list[SampleReco
 def check_category(root: str | Path, category: str) -> dict:
     """Check a category folder and describe it.
 
+    Every image and mask is decoded and converted as training will read it.
+
     Returns:
-        A JSON-ready dict: counts per split and defect type, number of masks, image sizes and modes,
-        and `problems`, one line per file with a problem (empty when the dataset is usable).
+        A JSON-ready dict: counts per split and defect type, number of masks, image sizes and modes
+        (PIL modes, e.g. "RGB", "L", "I;16"), and `problems`, one line per file with a problem
+        (empty when the dataset is usable).
     """
     report: dict = {"root": str(root), "category": category, "problems": []}
     problems: list[str] = report["problems"]
@@ -100,6 +112,7 @@ def check_category(root: str | Path, category: str) -> dict:
         for record in records:
             try:
                 image = open_image(record.path)
+                rgb_pixels(image, record.path)
             except DatasetError as err:
                 problems.append(str(err))
                 continue
@@ -116,16 +129,11 @@ def check_category(root: str | Path, category: str) -> dict:
                 problems.append(str(err))
                 continue
             num_masks += 1
-            if mask.size != image.size:
-                problems.append(
-                    f"{record.mask_path}: mask is {mask.width}x{mask.height} but its image is "
-                    f"{image.width}x{image.height}"
-                )
-            values = np.unique(np.asarray(mask.convert("L")))
-            if not set(values.tolist()) <= {0, 255} and not set(values.tolist()) <= {0, 1}:
-                problems.append(
-                    f"{record.mask_path}: mask is not binary ({len(values)} distinct values)"
-                )
+            problem = check_mask(mask, record.mask_path, image.size)
+            if problem is not None:
+                problems.append(problem)
+        if split == "test":
+            problems.extend(unmatched_masks(Path(root) / category, records))
     report.update(
         counts=counts,
         num_train=sum(counts.get("train", {}).values()),
@@ -136,6 +144,52 @@ def check_category(root: str | Path, category: str) -> dict:
     )
     report["problems"] = report.pop("problems")  # last, after the description
     return report
+
+
+def check_mask(mask: Image.Image, path: Path, image_size: tuple[int, int]) -> str | None:
+    """What is wrong with a decoded mask, as one line naming its file, or None.
+
+    Args:
+        mask: The decoded mask.
+        path: Its file.
+        image_size: Its image's (width, height), which the mask must match.
+    """
+    if mask.size != image_size:
+        width, height = image_size
+        return f"{path}: mask is {mask.width}x{mask.height} but its image is {width}x{height}"
+    problem = mask_problem(mask_levels(mask))
+    return None if problem is None else f"{path}: {problem}"
+
+
+def unmatched_masks(category_folder: Path, test_records: list[SampleRecord]) -> list[str]:
+    """Masks in `ground_truth/` that belong to no test image, one line each.
+
+    A mask `ground_truth/<defect>/<id>_mask.png` belongs to the image `test/<defect>/<id>.<suffix>`;
+    a defect folder of `ground_truth/` needs a folder of the same name in `test/`. Masks of good
+    images are not read, so `ground_truth/good` is not checked.
+    """
+    truth = category_folder / "ground_truth"
+    if not truth.is_dir():
+        return []
+    expected = {r.mask_path for r in test_records if r.mask_path is not None}
+    problems = []
+    for folder in sorted(p for p in truth.iterdir() if p.is_dir() and p.name != GOOD):
+        test_folder = category_folder / "test" / folder.name
+        if not test_folder.is_dir():
+            problems.append(
+                f"{folder}: ground-truth folder without a test folder; expected {test_folder}"
+            )
+            continue
+        for mask in image_files(folder):
+            if mask in expected:
+                continue
+            named = mask.name.endswith("_mask.png")
+            image_id = mask.name.removesuffix("_mask.png") if named else "<id>"
+            problems.append(
+                f"{mask}: mask without image; expected {test_folder / image_id}.<suffix> "
+                "(masks are named <id>_mask.png after their image <id>.<suffix>)"
+            )
+    return problems
 
 
 class MVTecDataset(Dataset):

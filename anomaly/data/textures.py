@@ -15,9 +15,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from anomaly.data.images import IMAGE_SUFFIXES
+from anomaly.data.images import IMAGE_SUFFIXES, read_rgb
 from anomaly.errors import DatasetError
 
 # Decoded DTD images are at most ~640x640x3 bytes; 32 of them bound each worker to ~40 MB.
@@ -122,7 +121,8 @@ class TextureSource:
     """Random textures: crops of DTD images, or procedural patterns when no folder is given.
 
     Files are listed once at construction and decoded lazily into a small per-process cache, so
-    the object is cheap to build and to pickle into DataLoader workers.
+    the object is cheap to build and to pickle into DataLoader workers. A file that does not
+    decode raises DatasetError when it is drawn; `check_textures` finds such files beforehand.
 
     Args:
         dtd_root: Folder in DTD layout, ``<dtd_root>/images/<category>/*.jpg`` (any suffix of
@@ -161,10 +161,14 @@ class TextureSource:
         return len(self.files)
 
     def _load(self, path: Path) -> np.ndarray:
+        """A decoded texture (H, W, 3) uint8, from the cache when it is there.
+
+        Raises:
+            DatasetError: If the file does not decode (`check_textures` finds these beforehand).
+        """
         image = self._cache.get(path)
         if image is None:
-            with Image.open(path) as handle:
-                image = np.asarray(handle.convert("RGB"), dtype=np.uint8)
+            image = read_rgb(path)  # DatasetError naming the file when it does not decode
             self._cache[path] = image
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -208,3 +212,28 @@ class TextureSource:
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         resized = cv2.resize(crop, (width, height), interpolation=interpolation)
         return resized.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def check_textures(dtd_root: str | Path) -> list[str]:
+    """Decode every texture file of a DTD-layout folder, as `TextureSource` will read it.
+
+    A full decode (about 1 s for DTD's 1,200 images on one core) catches the files that opening
+    alone accepts: truncated JPEGs, and files that are no image but have an image suffix.
+
+    Args:
+        dtd_root: Folder in DTD layout, ``<dtd_root>/images/<category>/*.jpg``.
+
+    Returns:
+        Problems, one line per file naming it (or one for the folder); empty when all decode.
+    """
+    try:
+        files = TextureSource(dtd_root).files
+    except DatasetError as err:
+        return [str(err)]
+    problems = []
+    for path in files:
+        try:
+            read_rgb(path)
+        except DatasetError as err:
+            problems.append(str(err))
+    return problems
