@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from anomaly.files import atomic_path, write_text
 from anomaly.metrics import roc_curve
 from anomaly.visualization import colour_scale, heatmap_panel, save_roc_plot
 
@@ -88,15 +89,20 @@ class TestResultsWriter(Callback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows.sort(key=lambda row: row["path"])
         metrics = self.metrics_record(trainer, pl_module, len(rows))
-        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(self.output_dir / "scores.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "defect_type", "label", "score"])
+        fields = ["path", "defect_type", "label", "score"]
+        with (
+            atomic_path(self.output_dir / "scores.csv") as temporary,
+            open(temporary, "w", newline="") as handle,
+        ):
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         self._save_roc_plots(rows, pixels, metrics)
         # One colour scale for every panel of the run, from all test map pixels.
         vmax = colour_scale([anomaly_map for anomaly_map, _ in pixels])
         images = self._save_panels(panels, vmax)
+        # Last: a folder with metrics.json holds a finished run (anomaly.run_folder).
+        write_text(self.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         log_images(trainer, images)
 
     @staticmethod
@@ -152,7 +158,8 @@ class TestResultsWriter(Callback):
                 panel["image"], panel["reconstruction"], panel["anomaly_map"], panel["mask"], vmax
             )
             name = f"{panel['defect_type']}_{Path(panel['path']).stem}"
-            Image.fromarray(image).save(folder / f"{name}.png")
+            with atomic_path(folder / f"{name}.png") as temporary:
+                Image.fromarray(image).save(temporary, format="PNG")
             images[name] = image
         return images
 

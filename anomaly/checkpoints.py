@@ -60,13 +60,22 @@ def resume_path(ckpt_path: str | None, output_dir: str, model_name: str) -> str 
     """
     if ckpt_path in ("last", "hpc"):  # Lightning's own names
         return ckpt_path
-    if not ckpt_path:
+    from_folder = not ckpt_path
+    if from_folder:
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         if not last.is_file():
             return None
         ckpt_path = str(last)
         log.info("resuming from %s", last)
-    saved = read_checkpoint(ckpt_path)["config"].get("model", {}).get("name")
+    try:
+        saved = read_checkpoint(ckpt_path)["config"].get("model", {}).get("name")
+    except CheckpointError as error:
+        if not from_folder:
+            raise
+        raise CheckpointError(
+            f"{error}; this run folder cannot be resumed: delete the file to start it over, or "
+            "choose another folder (hydra.run.dir=...)"
+        ) from None
     if saved != model_name:
         raise CheckpointError(
             f"{ckpt_path}: checkpoint of model {saved!r}, cannot resume it as {model_name!r}"

@@ -14,6 +14,9 @@ from torchmetrics import Metric
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.errors import ConfigError
 
+# The smallest spread of a standardized score: maps are errors of images in [0, 1].
+MIN_SPREAD = 1e-6
+
 
 class AnomalyDetector(nn.Module):
     """A reconstruction network, its anomaly map and the image score.
@@ -118,10 +121,16 @@ class NormalMapStatistics(Metric):
     def compute(self) -> tuple[Tensor, Tensor]:
         """The per-pixel mean (H, W) and spread (H, W), float32.
 
-        The spread is the standard deviation floored by its own average, so nearly constant
-        pixels cannot blow up a standardized score.
+        The spread is the standard deviation plus its own average (at least `MIN_SPREAD`), so
+        nearly constant pixels cannot blow up a standardized score and it is never zero.
+
+        Raises:
+            ValueError: fewer than 2 maps were added.
         """
-        count, total, total_sq = (t.float() for t in (self.count, self.total, self.total_sq))
-        mean = total / count
-        std = (total_sq / count - mean**2).clamp(min=0).sqrt()
-        return mean, std + std.mean()
+        if self.count < 2:
+            raise ValueError(f"the spread needs at least 2 normal maps, got {int(self.count)}")
+        mean = self.total / self.count
+        std = (self.total_sq / self.count - mean**2).clamp(min=0).sqrt()
+        # Every map alike (std 0 everywhere) still gives a finite, positive floor.
+        floor = std.mean().clamp(min=MIN_SPREAD)
+        return mean.float(), (std + floor).float()

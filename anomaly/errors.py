@@ -22,3 +22,11 @@ class ConfigError(AnomalyError):
 
 class CheckpointError(AnomalyError):
     """A checkpoint that is missing, unreadable or not written by this project."""
+
+
+class RunFolderError(AnomalyError):
+    """A run folder that holds another run's results or settings, or cannot be written."""
+
+
+class NonFiniteError(AnomalyError):
+    """A loss, weight or score that is NaN or infinite: the run stops instead of going on."""

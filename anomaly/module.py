@@ -13,6 +13,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from anomaly.detector import AnomalyDetector, NormalMapStatistics
+from anomaly.errors import NonFiniteError
 from anomaly.metrics import AUPRO, AUROC, F1Max, PerGroupAUROC
 from anomaly.objective import ReconstructionLoss
 
@@ -70,6 +71,7 @@ class AnomalyModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         prediction = self.detector.net(batch["input"])
         total, terms = self.loss(prediction, batch["image"], batch["mask"])
+        self._stop_if_diverged(total, batch_idx)
         batch_size = batch["image"].shape[0]
         for key, value in {"loss": total, **terms}.items():
             self.log(
@@ -82,6 +84,50 @@ class AnomalyModule(LightningModule):
                 sync_dist=True,
             )
         return total
+
+    def _all_ranks_agree(self, decision: bool) -> bool:
+        trainer = self._trainer
+        return trainer.strategy.reduce_boolean_decision(decision) if trainer else decision
+
+    def _stop_if_diverged(self, loss: Tensor, batch_idx: int) -> None:
+        """Stop at the first non-finite loss, before it reaches the weights (on every rank)."""
+        if self._all_ranks_agree(bool(torch.isfinite(loss))):
+            return
+        raise NonFiniteError(
+            f"training diverged: the loss is {loss.item()} at epoch {self.current_epoch}, batch "
+            f"{batch_idx} (optimizer step {self.global_step}); the checkpoints written so far are "
+            f"kept; lower model.optimizer.lr (now {self._learning_rate()})"
+        )
+
+    def _learning_rate(self) -> str:
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return "unknown"
+        return f"{trainer.optimizers[0].param_groups[0]['lr']:g}"
+
+    def _check_scores(self, maps: Tensor, scores: Tensor, batch: dict) -> None:
+        """Refuse NaN or infinite maps and scores: they would make every metric meaningless."""
+        finite = bool(torch.isfinite(maps).all() and torch.isfinite(scores).all())
+        if self._all_ranks_agree(finite):
+            return
+        bad = (~torch.isfinite(maps).flatten(1).all(1)) | ~torch.isfinite(scores)
+        path = batch["path"][int(bad.nonzero()[0])] if bad.any() else "another rank's image"
+        raise NonFiniteError(
+            f"{path}: the anomaly map or score is not finite (epoch {self.current_epoch}); the "
+            "weights or the normal-map statistics hold NaN or inf"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Never write non-finite weights: the checkpoints on disk stay the last good ones."""
+        bad = [k for k, v in checkpoint["state_dict"].items() if not torch.isfinite(v).all()]
+        if bad:
+            more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+            raise NonFiniteError(
+                f"training diverged: {bad[0]}{more} holds NaN or inf at epoch "
+                f"{self.current_epoch} (optimizer step {self.global_step}), so its checkpoint is "
+                "not saved; the checkpoints written so far are kept; lower model.optimizer.lr "
+                f"(now {self._learning_rate()})"
+            )
 
     def _update(self, metrics: nn.ModuleDict, batch: dict, maps: Tensor, scores: Tensor) -> None:
         labels = batch["label"].long()
@@ -98,6 +144,7 @@ class AnomalyModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         maps, scores, reconstruction = self.detector(batch["image"])
+        self._check_scores(maps, scores, batch)
         self._update(self.val_metrics, batch, maps, scores)
         normal = batch["label"] == 0
         if normal.any():
@@ -122,6 +169,7 @@ class AnomalyModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         maps, scores, reconstruction = self.detector(batch["image"])
+        self._check_scores(maps, scores, batch)
         self._update(self.test_metrics, batch, maps, scores)
         if self.test_per_defect is not None:
             index = {name: i for i, name in enumerate(self.defect_types)}

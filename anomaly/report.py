@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from anomaly.files import atomic_path, write_text
 from anomaly.metrics import METRIC_KEYS
 
 
@@ -29,14 +30,28 @@ def read_overrides(run_dir: Path) -> dict[str, str]:
     return {pair[0]: pair[1] if len(pair) == 2 else "" for pair in pairs}
 
 
+def read_metrics(path: Path) -> dict:
+    """The metrics of one `metrics.json`; ValueError naming the file when it is not one."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{path}: not a readable metrics file ({reason})") from None
+    if not isinstance(metrics, dict):
+        kind = type(metrics).__name__
+        raise ValueError(f"{path}: not a metrics file (a JSON object expected, got {kind})")
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{path}: {key} is {value!r}, not a number or null")
+    return metrics
+
+
 def collect_runs(folder: Path) -> list[dict]:
     """Every run below `folder`: its overrides, model, category and metrics."""
     runs = []
     for path in sorted(folder.rglob("metrics.json")):
-        try:
-            metrics = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not a readable metrics file ({error})") from None
+        metrics = read_metrics(path)
         runs.append(
             {
                 "run": str(path.parent.relative_to(folder)) or ".",
@@ -99,11 +114,18 @@ def main(argv: list[str]) -> int:
         return 1
     header, rows = build_table(runs)
     markdown = to_markdown(header, rows)
-    (folder / "report.md").write_text(markdown)
-    with open(folder / "report.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+    try:
+        write_text(folder / "report.md", markdown)
+        with (
+            atomic_path(folder / "report.csv") as temporary,
+            open(temporary, "w", newline="") as handle,
+        ):
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+    except OSError as error:
+        print(f"error: {error.filename or folder}: {error.strerror}", file=sys.stderr)
+        return 1
     print(markdown, end="")
     return 0
 

@@ -1,8 +1,9 @@
 """What every run needs around Lightning: loggers that never prompt, DDP under Hydra multirun,
-jobs that leave the process clean, the resolved config on disk, and one-line user errors."""
+jobs that leave the process clean, a writable output folder, and one-line user errors."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import netrc
@@ -15,17 +16,21 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
-from anomaly.errors import AnomalyError
+from anomaly.errors import AnomalyError, RunFolderError
+from anomaly.run_folder import check_writable
 
 log = logging.getLogger(__name__)
+
+# Errors of the file system the user can fix (space, quota, permissions), not of the program.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def instantiate_group(config: DictConfig | None) -> list:
@@ -114,14 +119,6 @@ def close_job(trainer: Trainer | None) -> None:
             experiment.finish()
 
 
-@rank_zero_only
-def save_resolved_config(cfg: DictConfig) -> None:
-    """Write the fully resolved config next to Hydra's (which keeps interpolations)."""
-    folder = Path(cfg.paths.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, folder / "config_resolved.yaml", resolve=True)
-
-
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix, also when Hydra wrapped it; None for
     anything else (a bug, which keeps its traceback)."""
@@ -129,7 +126,33 @@ def user_error_message(error: BaseException) -> str | None:
         error = error.__cause__
     if isinstance(error, (AnomalyError, MissingMandatoryValue)):
         return " ".join(str(error).split())
+    if isinstance(error, torch.OutOfMemoryError):
+        return (
+            "out of memory; lower data.batch_size, data.eval_batch_size or data.image_size, or "
+            "set model.pixel_thresholds (binned pixel metrics)"
+        )
+    if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRORS and error.filename:
+        # A full disk, a quota, a read-only or forbidden folder: the file and the reason.
+        return f"{error.filename}: {error.strerror}"
     return None
+
+
+class OutputFolderCheck(HydraCallback):
+    """Hydra callback: stop with one line when the run (or sweep) folder cannot be written,
+    before Hydra itself tries to (with a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: str) -> None:
+        try:
+            check_writable(Path(folder))
+        except RunFolderError as error:
+            sys.exit(f"error: {error}")
 
 
 @contextmanager

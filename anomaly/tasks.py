@@ -16,7 +16,8 @@ from anomaly.detector import AnomalyDetector
 from anomaly.metrics import METRIC_KEYS
 from anomaly.module import AnomalyModule
 from anomaly.objective import ReconstructionLoss
-from anomaly.runtime import build_trainer, close_job, isolated_job, save_resolved_config
+from anomaly.run_folder import claim_for_evaluation, claim_for_training, save_run_settings
+from anomaly.runtime import build_trainer, close_job, isolated_job
 
 
 def build_detector(model: DictConfig) -> AnomalyDetector:
@@ -77,8 +78,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     # Checked before this task writes anything (config_resolved.yaml, checkpoints, logs).
     model = build_module(cfg.model)
     check_training_config(cfg, model.detector.net.stride)
+    claim_for_training(cfg)
     ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.model.name)
-    save_resolved_config(cfg)
+    save_run_settings(cfg)
     datamodule = instantiate(cfg.data)
     trainer = None
     try:
@@ -131,6 +133,8 @@ def evaluate(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.model = OmegaConf.create(saved["model"])
         cfg.data = data_for_eval(saved["data"], cfg.data)
+    claim_for_evaluation(cfg.paths.output_dir)
+    save_run_settings(cfg)
     L.seed_everything(saved["seed"], workers=True)
     datamodule = instantiate(cfg.data)
     model = build_module(cfg.model)

@@ -14,6 +14,8 @@ from matplotlib import colormaps  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from anomaly.files import atomic_path  # noqa: E402
+
 PANEL_TITLES = ("input", "reconstruction", "anomaly map", "ground truth", "overlay")
 # Used when a tile is too narrow for the full titles (e.g. 64 px images).
 SHORT_TITLES = ("input", "output", "map", "truth", "overlay")
@@ -101,5 +103,8 @@ def save_roc_plot(
     )
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png")
+    finally:
+        plt.close(figure)

@@ -114,3 +114,15 @@ def test_normal_statistics_travel_in_the_state_dict_and_must_match_the_size():
     assert torch.equal(fresh.normal_mean, detector.normal_mean)
     with pytest.raises(ConfigError, match="fitted at"):
         fresh.score(torch.rand(1, 16, 16))
+
+
+def test_normal_statistics_are_finite_for_identical_maps_and_refuse_a_single_map():
+    identical = torch.full((3, 8, 8), 0.25)
+    detector = fitted_detector(identical)
+    assert torch.isfinite(detector.normal_std).all() and (detector.normal_std > 0).all()
+    scores = detector.score(torch.rand(4, 8, 8))
+    assert torch.isfinite(scores).all()
+    statistics = NormalMapStatistics()
+    statistics.update(torch.rand(1, 8, 8))
+    with pytest.raises(ValueError, match="at least 2 normal maps, got 1"):
+        statistics.compute()

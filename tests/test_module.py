@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.detector import AnomalyDetector
+from anomaly.errors import NonFiniteError
 from anomaly.models.sdc_ccm import SDCCCMAutoencoder
 from anomaly.module import AnomalyModule
 from anomaly.objective import ReconstructionLoss
@@ -41,3 +44,63 @@ def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree):
     assert torch.allclose(detector.normal_std, std + std.mean(), atol=1e-5)
     expected = ((maps - maps.mean(0)) / (std + std.mean())).flatten(1).amax(1)
     assert torch.allclose(scores, expected, atol=1e-4)
+
+
+class DivergesAtEpoch(ReconstructionLoss):
+    """The reconstruction loss, NaN from epoch `epoch` on (as after an exploding step)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch, self.current_epoch = epoch, 0
+
+    def forward(self, prediction, target, mask):
+        total, terms = super().forward(prediction, target, mask)
+        if self.training and self.current_epoch >= self.epoch:
+            total = total * float("nan")
+        return total, terms
+
+
+class TellsLossTheEpoch(Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.loss.current_epoch = trainer.current_epoch
+
+
+def small_module(loss: ReconstructionLoss | None = None) -> AnomalyModule:
+    net = SDCCCMAutoencoder(channels=(8, 16, 24), num_sdc_blocks=1)
+    detector = AnomalyDetector(net, AnomalyMap(sigma=1.0))
+    return AnomalyModule(detector, loss or ReconstructionLoss(), partial(torch.optim.Adam, lr=1e-3))
+
+
+def test_a_late_divergence_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tiny_tree, tmp_path
+):
+    datamodule = make_datamodule(tiny_tree)
+    model = small_module(DivergesAtEpoch(epoch=2))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        callbacks=[checkpoints, TellsLossTheEpoch()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    with pytest.raises(
+        NonFiniteError, match=r"the loss is nan at epoch 2, batch 0 \(optimizer step 4\)"
+    ):
+        trainer.fit(model, datamodule=datamodule)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1  # the end of the last good epoch
+    assert all(torch.isfinite(tensor).all() for tensor in last["state_dict"].values())
+
+
+def test_non_finite_weights_are_never_saved_and_non_finite_scores_name_the_image(tiny_tree):
+    model = small_module()
+    with torch.no_grad():
+        next(model.detector.net.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="holds NaN or inf .* its checkpoint is not saved"):
+        model.on_save_checkpoint({"state_dict": model.state_dict()})
+    batch = next(iter(make_datamodule(tiny_tree).test_dataloader()))
+    with pytest.raises(NonFiniteError, match=r"widget/test/.*\.png: the anomaly map or score is"):
+        model.test_step(batch, 0)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from anomaly.metrics import METRIC_KEYS
 from anomaly.report import build_table, collect_runs
@@ -85,3 +88,26 @@ def test_command_errors_are_one_line(tmp_path):
         check=False,
     )
     assert done.returncode == 1 and "no metrics.json" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not a readable metrics file"),
+        ("[0.9, 0.8]", r"not a metrics file \(a JSON object expected, got list\)"),
+        ('{"image_auroc": "high"}', "image_auroc is 'high', not a number or null"),
+        ('{"image_auroc": true}', "image_auroc is True, not a number or null"),
+    ],
+)
+def test_a_malformed_metrics_file_is_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "anomaly.report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert re.search(f"run/metrics.json: {message}", done.stderr), done.stderr
+    assert not (tmp_path / "report.md").exists()
