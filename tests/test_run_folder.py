@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from anomaly.errors import RunFolderError
 from anomaly.files import atomic_path, write_text
@@ -35,7 +35,7 @@ def cannot_create(folder: Path) -> bool:
     return False
 
 
-def training_config(folder: Path, lr: float = 1e-3, **extra) -> OmegaConf:
+def training_config(folder: Path, lr: float = 1e-3, **extra) -> DictConfig:
     return OmegaConf.create(
         {
             "seed": 0,
