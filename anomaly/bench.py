@@ -40,7 +40,7 @@ from anomaly.data.corruptions import corrupt
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.textures import TextureSource
 from anomaly.files import write_text
-from anomaly.module import stage_metrics
+from anomaly.module import compute_stage_metrics, stage_metrics, update_stage_metrics
 from anomaly.tasks import build_detector, build_module
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -329,12 +329,14 @@ def compute_test_metrics(maps, masks, scores, labels, device: torch.device) -> d
     metrics = stage_metrics(None, 2.0, test=True).to(device)
     for start in range(0, len(maps), 32):
         part = slice(start, start + 32)
-        m, t = maps[part].to(device), masks[part].to(device)
-        metrics["image_auroc"].update(scores[part].to(device), labels[part].to(device))
-        metrics["image_f1_max"].update(scores[part].to(device), labels[part].to(device))
-        for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max"):
-            metrics[key].update(m, t)
-    return {key: float(metric.compute()) for key, metric in metrics.items()}
+        update_stage_metrics(
+            metrics,
+            maps[part].to(device),
+            masks[part].to(device),
+            scores[part].to(device),
+            labels[part].to(device),
+        )
+    return {key: float(value) for key, value in compute_stage_metrics(metrics).items()}
 
 
 def metric_rates(device: torch.device, profile: Profile) -> list[dict]:

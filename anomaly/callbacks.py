@@ -138,9 +138,10 @@ class TestResultsWriter(Callback):
             self.output_dir / "roc_image.png",
         )
         if pixels:
-            maps = torch.from_numpy(np.concatenate([m.ravel() for m, _ in pixels])).double()
+            maps = torch.from_numpy(np.concatenate([m.ravel() for m, _ in pixels]))
             masks = torch.from_numpy(np.concatenate([t.ravel() for _, t in pixels]))
-            fpr, tpr = roc_curve(maps, masks.long())
+            # Exact points of the curve at up to 4,000 thresholds: a plot, not millions of points.
+            fpr, tpr = roc_curve(maps, masks, max_points=4000)
             save_roc_plot(
                 fpr.numpy(),
                 tpr.numpy(),

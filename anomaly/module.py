@@ -14,22 +14,39 @@ from torch import Tensor, nn
 
 from anomaly.detector import AnomalyDetector, NormalMapStatistics
 from anomaly.errors import NonFiniteError
-from anomaly.metrics import AUPRO, AUROC, F1Max, PerGroupAUROC
+from anomaly.metrics import AUROC, F1Max, PerGroupAUROC, PixelMetrics
 from anomaly.objective import ReconstructionLoss
 
 
 def stage_metrics(pixel_thresholds: int | None, max_score: float, test: bool) -> nn.ModuleDict:
     """The metric objects of one stage (each stage owns its own, so states never mix)."""
-    pixel_range = (0.0, max_score)
     metrics = {
         "image_auroc": AUROC(),
-        "pixel_auroc": AUROC(thresholds=pixel_thresholds, score_range=pixel_range),
-        "pixel_aupro": AUPRO(),
+        "pixel": PixelMetrics(thresholds=pixel_thresholds, score_range=(0.0, max_score)),
     }
     if test:
         metrics["image_f1_max"] = F1Max()
-        metrics["pixel_f1_max"] = F1Max(thresholds=pixel_thresholds, score_range=pixel_range)
     return nn.ModuleDict(metrics)
+
+
+def update_stage_metrics(
+    metrics: nn.ModuleDict, maps: Tensor, masks: Tensor, scores: Tensor, labels: Tensor
+) -> None:
+    """Feeds a batch: maps (B, H, W), masks (B, H, W) or (B, 1, H, W), scores and labels (B,)."""
+    metrics["image_auroc"].update(scores, labels)
+    if "image_f1_max" in metrics:
+        metrics["image_f1_max"].update(scores, labels)
+    metrics["pixel"].update(maps, masks)
+
+
+def compute_stage_metrics(metrics: nn.ModuleDict) -> dict[str, Tensor]:
+    """Every metric of a stage by its key (`image_auroc`, `pixel_aupro`, ...), then resets them."""
+    results = {}
+    for key, metric in metrics.items():
+        value = metric.compute()
+        results.update(value if isinstance(value, dict) else {key: value})
+        metric.reset()
+    return results
 
 
 class AnomalyModule(LightningModule):
@@ -45,7 +62,7 @@ class AnomalyModule(LightningModule):
         optimizer: partial optimizer, called with the parameters.
         scheduler: optional partial LR scheduler, called with the optimizer; stepped every epoch.
         name: model name written to metrics.json.
-        pixel_thresholds: None for exact pixel AUROC/F1; an int bins them for bounded memory.
+        pixel_thresholds: None for exact pixel metrics; an int bins them for fixed memory.
     """
 
     def __init__(
@@ -130,14 +147,8 @@ class AnomalyModule(LightningModule):
             )
 
     def _update(self, metrics: nn.ModuleDict, batch: dict, maps: Tensor, scores: Tensor) -> None:
-        labels = batch["label"].long()
-        masks = batch["mask"].squeeze(1).long()
-        metrics["image_auroc"].update(scores, labels)
-        metrics["pixel_auroc"].update(maps, masks)
-        metrics["pixel_aupro"].update(maps, masks)
-        if "image_f1_max" in metrics:
-            metrics["image_f1_max"].update(scores, labels)
-            metrics["pixel_f1_max"].update(maps, masks)
+        masks = batch["mask"].squeeze(1)
+        update_stage_metrics(metrics, maps, masks, scores, batch["label"].long())
 
     def on_validation_epoch_start(self) -> None:
         self.normal_statistics.reset()
@@ -154,9 +165,8 @@ class AnomalyModule(LightningModule):
             self.log("val/loss", loss, on_epoch=True, batch_size=int(normal.sum()), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        for key, metric in self.val_metrics.items():
-            self.log(f"val/{key}", metric.compute(), prog_bar=key == "image_auroc")
-            metric.reset()
+        for key, value in compute_stage_metrics(self.val_metrics).items():
+            self.log(f"val/{key}", value, prog_bar=key == "image_auroc")
         if self.normal_statistics.update_called and not self.trainer.sanity_checking:
             # For the next scores, and saved with this epoch's checkpoint.
             self.detector.set_normal_statistics(*self.normal_statistics.compute())
@@ -180,11 +190,9 @@ class AnomalyModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = {}
-        for key, metric in self.test_metrics.items():
-            value = metric.compute()
+        for key, value in compute_stage_metrics(self.test_metrics).items():
             self.log(f"test/{key}", value)
             results[key] = float(value)
-            metric.reset()
         per_defect = {}
         if self.test_per_defect is not None:
             values = self.test_per_defect.compute()

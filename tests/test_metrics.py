@@ -13,7 +13,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy import ndimage
 
-from anomaly.metrics import AUPRO, AUROC, F1Max, PerGroupAUROC, aupro, auroc, f1_max, roc_curve
+from anomaly.metrics import (
+    AUROC,
+    F1Max,
+    PerGroupAUROC,
+    PixelMetrics,
+    aupro,
+    auroc,
+    f1_max,
+    pixel_metrics,
+    roc_curve,
+)
 
 
 def tied_scores(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,25 +174,43 @@ def test_aupro_bounds_perfect_map_and_nan():
     assert math.isnan(aupro(torch.rand(2, 4, 4), torch.ones(2, 4, 4)).item())
 
 
-def test_binned_metrics_close_to_exact():
+def test_pixel_metrics_equal_the_single_metrics_at_scale():
+    # 6 x 48 x 48 with heavy ties: every tie and limit case of one sort shared by three metrics.
+    gen = torch.Generator().manual_seed(3)
+    masks = torch.zeros(6, 48, 48, dtype=torch.long)
+    for image in range(4):
+        top, left = torch.randint(0, 40, (2,), generator=gen).tolist()
+        masks[image, top : top + 8, left : left + 5] = 1
+        masks[image, 5, 5:30] = 1  # a thin scratch: a region of 25 pixels
+    maps = (torch.rand(6, 48, 48, generator=gen) + 0.5 * masks).mul(30).round().div(30)
+    results = pixel_metrics(maps, masks)
+    assert results["pixel_auroc"].item() == pytest.approx(brute_auroc(maps, masks), abs=1e-12)
+    assert results["pixel_f1_max"].item() == pytest.approx(brute_f1_max(maps, masks), abs=1e-12)
+    expected = reference_aupro(maps.numpy(), masks.numpy(), 0.3)
+    assert results["pixel_aupro"].item() == pytest.approx(expected, abs=1e-10)
+    assert aupro(maps, masks).item() == results["pixel_aupro"].item()
+
+
+def test_binned_pixel_metrics_close_to_exact_and_bounded():
     gen = torch.Generator().manual_seed(0)
-    target = (torch.rand(4000, generator=gen) < 0.3).long()
-    preds = (torch.rand(4000, generator=gen) * 0.8 + 0.2 * target).float()
-    for metric_class, exact in ((AUROC, auroc), (F1Max, f1_max)):
-        metric = metric_class(thresholds=500)
-        metric.update(preds, target)
-        assert metric.compute().item() == pytest.approx(exact(preds, target).item(), abs=0.01)
+    masks = (torch.rand(8, 32, 32, generator=gen) < 0.3).long()
+    maps = (torch.rand(8, 32, 32, generator=gen) * 0.8 + 0.2 * masks).float()
+    exact = pixel_metrics(maps, masks)
+    metric = PixelMetrics(thresholds=500)
+    metric.update(maps[:5], masks[:5])
+    metric.update(maps[5:], masks[5:])
+    for key, value in metric.compute().items():
+        assert value.item() == pytest.approx(exact[key].item(), abs=0.01), key
+    # The states are three histograms and a count, whatever the number of maps.
+    assert sum(state.numel() for state in metric.metric_state.values()) == 3 * 500 + 1
     # Scores outside score_range are clamped into the end bins instead of being dropped.
-    metric = AUROC(thresholds=10, score_range=(0.0, 1.0))
-    metric.update(torch.tensor([-5.0, 0.05, 0.95, 7.0]), torch.tensor([0, 0, 1, 1]))
-    assert metric.compute().item() == pytest.approx(1.0)
-    assert int(metric.positive_hist.sum() + metric.negative_hist.sum()) == 4
+    metric = PixelMetrics(thresholds=10, score_range=(0.0, 1.0))
+    metric.update(torch.tensor([[[-5.0, 0.05, 0.95, 7.0]]]), torch.tensor([[[0, 0, 1, 1]]]))
+    assert metric.compute()["pixel_auroc"].item() == pytest.approx(1.0)
+    assert int(metric.normal_hist.sum() + metric.defect_hist.sum()) == 4
 
 
-@pytest.mark.parametrize(
-    "make",
-    [lambda: AUROC(), lambda: AUROC(thresholds=50), lambda: F1Max(), lambda: F1Max(thresholds=50)],
-)
+@pytest.mark.parametrize("make", [AUROC, F1Max])
 def test_split_updates_and_merged_states_equal_one_update(make):
     preds, target = tied_scores(240, 5)
     whole = make()
@@ -199,12 +227,24 @@ def test_split_updates_and_merged_states_equal_one_update(make):
     assert first.compute().item() == pytest.approx(whole.compute().item(), abs=1e-12)
 
 
-def test_aupro_metric_split_and_channel_masks():
+@pytest.mark.parametrize("thresholds", [None, 40])
+def test_pixel_metrics_split_merged_and_channel_masks(thresholds):
     maps, masks = random_maps_and_masks(1)
-    metric = AUPRO()
-    metric.update(maps[:2], masks[:2, None])
-    metric.update(maps[2:], masks[2:])
-    assert metric.compute().item() == pytest.approx(aupro(maps, masks).item(), abs=1e-12)
+    whole = PixelMetrics(thresholds=thresholds)
+    whole.update(maps, masks)
+    split = PixelMetrics(thresholds=thresholds)
+    split.update(maps[:2], masks[:2, None])
+    split.update(maps[2:], masks[2:])
+    first, second = PixelMetrics(thresholds=thresholds), PixelMetrics(thresholds=thresholds)
+    first.update(maps[:3], masks[:3])
+    second.update(maps[3:], masks[3:])
+    first.merge_state(second)
+    expected = whole.compute()
+    if thresholds is None:
+        assert expected == pixel_metrics(maps, masks)
+    for metric in (split, first):
+        for key, value in metric.compute().items():
+            assert value.item() == pytest.approx(expected[key].item(), abs=1e-12), key
 
 
 def test_per_group_auroc_against_hand_made_subsets():
@@ -236,9 +276,10 @@ def test_per_group_auroc_against_hand_made_subsets():
         (lambda: f1_max(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1])), "nan"),
         (lambda: aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 5)), "equal shape"),
         (lambda: aupro(torch.rand(2, 4, 4), torch.zeros(2, 4, 4), fpr_limit=0.0), "fpr_limit"),
-        (lambda: AUROC(thresholds=1), "thresholds"),
-        (lambda: F1Max(thresholds=10, score_range=(1.0, 1.0)), "score_range"),
-        (lambda: AUPRO().update(torch.rand(2, 4, 4), torch.zeros(2, 2, 4, 4)), "same shape"),
+        (lambda: PixelMetrics(thresholds=1), "thresholds"),
+        (lambda: PixelMetrics(thresholds=10, score_range=(1.0, 1.0)), "score_range"),
+        (lambda: PixelMetrics(fpr_limit=1.5), "fpr_limit"),
+        (lambda: PixelMetrics().update(torch.rand(2, 4, 4), torch.zeros(2, 2, 4, 4)), "same shape"),
         (
             lambda: PerGroupAUROC(2).update(torch.rand(2), torch.ones(2), torch.tensor([0, 2])),
             "groups must be",
@@ -259,11 +300,13 @@ def _ddp_worker(rank: int, port: int, results: dict) -> None:
     # Uneven shards: rank 0 gets more samples than rank 1.
     own = slice(0, 60) if rank == 0 else slice(60, None)
     own_images = slice(0, 3) if rank == 0 else slice(3, None)
-    pixel_metric, binned, region_metric = AUROC(), AUROC(thresholds=20), AUPRO()
-    pixel_metric.update(preds[own], target[own])
-    binned.update(preds[own], target[own])
-    region_metric.update(maps[own_images], masks[own_images])
-    values = [m.compute().item() for m in (pixel_metric, binned, region_metric)]
+    image_metric, exact, binned = AUROC(), PixelMetrics(), PixelMetrics(thresholds=20)
+    image_metric.update(preds[own], target[own])
+    exact.update(maps[own_images], masks[own_images])
+    binned.update(maps[own_images], masks[own_images])
+    values = [image_metric.compute().item()]
+    for metric in (exact, binned):
+        values += [value.item() for value in metric.compute().values()]
     if rank == 0:
         results.update(values=values)
     dist.destroy_process_group()
@@ -280,11 +323,13 @@ def test_ddp_gloo_two_processes_match_single_process():
         values = results["values"]
     preds, target = tied_scores(101, 9)
     maps, masks = random_maps_and_masks(2)
-    binned = AUROC(thresholds=20)
-    binned.update(preds, target)
-    assert values[0] == pytest.approx(auroc(preds, target).item(), abs=1e-12)
-    assert values[1] == pytest.approx(binned.compute().item(), abs=1e-12)
-    assert values[2] == pytest.approx(aupro(maps, masks).item(), abs=1e-12)
+    binned = PixelMetrics(thresholds=20)
+    binned.update(maps, masks)
+    expected = [auroc(preds, target).item()]
+    expected += [value.item() for value in pixel_metrics(maps, masks).values()]
+    expected += [value.item() for value in binned.compute().values()]
+    assert values == pytest.approx(expected, abs=1e-12)
+    assert values[3] == pytest.approx(reference_aupro(maps.numpy(), masks.numpy(), 0.3))
 
 
 def test_roc_curve_area_equals_auroc_and_ends_at_corners():
@@ -295,3 +340,16 @@ def test_roc_curve_area_equals_auroc_and_ends_at_corners():
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
     assert torch.all(fpr.diff() >= 0) and torch.all(tpr.diff() >= 0)
     assert torch.isclose(torch.trapezoid(tpr, fpr), auroc(preds, target))
+
+
+def test_roc_curve_with_max_points_keeps_exact_points_and_corners():
+    generator = torch.Generator().manual_seed(8)
+    target = (torch.rand(20_000, generator=generator) < 0.05).long()
+    preds = torch.rand(20_000, generator=generator) + 0.5 * target
+    full_fpr, full_tpr = roc_curve(preds, target)
+    fpr, tpr = roc_curve(preds, target, max_points=200)
+    assert len(fpr) <= 201 < len(full_fpr)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    full = set(zip(full_fpr.tolist(), full_tpr.tolist(), strict=True))
+    assert set(zip(fpr.tolist(), tpr.tolist(), strict=True)) <= full
+    assert torch.trapezoid(tpr, fpr).item() == pytest.approx(auroc(preds, target).item(), abs=1e-3)

@@ -16,14 +16,12 @@ from anomaly.models.sdc_ccm import SDCCCMAutoencoder
 from anomaly.module import AnomalyModule
 from anomaly.objective import ReconstructionLoss
 from tests.conftest import make_datamodule
+from tests.test_metrics import brute_auroc, reference_aupro
 
 
-def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree):
-    datamodule = make_datamodule(tiny_tree, eval_batch_size=2)
-    net = SDCCCMAutoencoder(channels=(8, 16, 24), num_sdc_blocks=1)
-    detector = AnomalyDetector(net, AnomalyMap(sigma=1.0), standardize=True)
-    model = AnomalyModule(detector, ReconstructionLoss(), partial(torch.optim.Adam, lr=1e-3))
-    trainer = Trainer(
+def quiet_trainer() -> Trainer:
+    """A CPU trainer for one validate or test pass: no logger, checkpoints or progress bar."""
+    return Trainer(
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -31,6 +29,14 @@ def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree):
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
+
+
+def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree):
+    datamodule = make_datamodule(tiny_tree, eval_batch_size=2)
+    net = SDCCCMAutoencoder(channels=(8, 16, 24), num_sdc_blocks=1)
+    detector = AnomalyDetector(net, AnomalyMap(sigma=1.0), standardize=True)
+    model = AnomalyModule(detector, ReconstructionLoss(), partial(torch.optim.Adam, lr=1e-3))
+    trainer = quiet_trainer()
     trainer.validate(model, datamodule=datamodule)
     normals = datamodule.val_set.images
     images = torch.stack([normals[i]["image"] for i in range(len(normals))])
@@ -104,3 +110,35 @@ def test_non_finite_weights_are_never_saved_and_non_finite_scores_name_the_image
     batch = next(iter(make_datamodule(tiny_tree).test_dataloader()))
     with pytest.raises(NonFiniteError, match=r"widget/test/.*\.png: the anomaly map or score is"):
         model.test_step(batch, 0)
+
+
+def test_test_metrics_match_an_independent_computation_exact_and_binned(tiny_tree):
+    datamodule = make_datamodule(tiny_tree, eval_batch_size=3)
+    results = {}
+    for thresholds in (None, 2000):
+        torch.manual_seed(0)
+        model = small_module()
+        model = AnomalyModule(
+            model.detector, model.loss, model.optimizer, pixel_thresholds=thresholds
+        )
+        trainer = quiet_trainer()
+        trainer.test(model, datamodule=datamodule)
+        results[thresholds] = model.test_results
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    model.detector.eval()
+    with torch.no_grad():
+        outputs = [model.detector(batch["image"]) for batch in batches]
+    maps = torch.cat([output[0] for output in outputs])
+    scores = torch.cat([output[1] for output in outputs])
+    masks = torch.cat([batch["mask"][:, 0] for batch in batches]).long()
+    labels = torch.cat([batch["label"] for batch in batches]).long()
+    expected = {
+        "image_auroc": brute_auroc(scores, labels),
+        "pixel_auroc": brute_auroc(maps, masks),
+        "pixel_aupro": reference_aupro(maps.numpy(), masks.numpy(), 0.3),
+    }
+    for key, value in expected.items():
+        assert results[None][key] == pytest.approx(value, abs=1e-9), key
+        # 2,000 bins over the map's range: close to exact.
+        assert results[2000][key] == pytest.approx(value, abs=0.02), key

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from anomaly.data.corruptions import CHANGE_TOLERANCE, blob_mask, corrupt
 from anomaly.data.textures import TextureSource
-from anomaly.metrics import AUPRO, AUROC, F1Max, aupro, auroc, f1_max
+from anomaly.metrics import AUROC, F1Max, PixelMetrics, aupro, auroc, f1_max, pixel_metrics
 
 PROPERTY = settings(database=None, derandomize=True, deadline=None, max_examples=60)
 
@@ -162,26 +162,30 @@ def test_auroc_label_flip(data: tuple) -> None:
 
 @PROPERTY
 @given(
-    data=scored_labels(),
+    data=maps_and_masks(),
     bins=st.integers(2, 64),
     low=st.sampled_from([0.0, -3.0, 1e6]),
     width=st.sampled_from([1.0, 7.0, 1e3]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_histogram_auroc_exact_on_bin_centres(
+def test_histogram_pixel_metrics_exact_on_bin_centres(
     data: tuple, bins: int, low: float, width: float, seed: int
 ) -> None:
-    """With every score on a bin centre, the histogram AUROC equals the exact pairwise value."""
-    _, labels = data
+    """With every map value on a bin centre, the histograms give the exact pixel metrics."""
+    _, masks = data
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, bins, len(labels))
-    centres = low + (index + 0.5) * (width / bins)
-    expected = mann_whitney_auroc(index.astype(np.float64), labels.numpy())
-    metric = AUROC(thresholds=bins, score_range=(low, low + width))
-    metric.update(torch.from_numpy(centres), labels)
-    value = float(metric.compute())
-    assert 0.0 <= value <= 1.0
-    assert value == pytest.approx(expected, abs=1e-9)
+    index = rng.integers(0, bins, masks.shape)
+    centres = torch.from_numpy(low + (index + 0.5) * (width / bins))
+    expected = pixel_metrics(torch.from_numpy(index).double(), masks)
+    assert float(expected["pixel_auroc"]) == pytest.approx(
+        mann_whitney_auroc(index.ravel().astype(np.float64), masks.numpy().ravel()), abs=1e-9
+    )
+    metric = PixelMetrics(thresholds=bins, score_range=(low, low + width))
+    for image in range(len(masks)):
+        metric.update(centres[image : image + 1], masks[image : image + 1])
+    for key, value in metric.compute().items():
+        assert 0.0 <= float(value) <= 1.0
+        assert float(value) == pytest.approx(float(expected[key]), abs=1e-9), key
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,10 +228,10 @@ def test_aupro_in_unit_interval(data: tuple, fpr_limit: float) -> None:
     value = float(aupro(maps, masks, fpr_limit))
     assert 0.0 <= value <= 1.0
 
-    metric = AUPRO(fpr_limit=fpr_limit)
+    metric = PixelMetrics(fpr_limit=fpr_limit)
     for index in range(len(maps)):
         metric.update(maps[index : index + 1], masks[index : index + 1, None])
-    assert float(metric.compute()) == pytest.approx(value, abs=1e-12)
+    assert float(metric.compute()["pixel_aupro"]) == pytest.approx(value, abs=1e-12)
 
 
 @PROPERTY

@@ -1,17 +1,18 @@
 """Anomaly detection metrics: exact AUROC, F1-max and AUPRO, and their torchmetrics objects."""
 
-from anomaly.metrics.functional import aupro, auroc, f1_max, roc_curve
-from anomaly.metrics.stateful import AUPRO, AUROC, F1Max, PerGroupAUROC
+from anomaly.metrics.functional import aupro, auroc, f1_max, pixel_metrics, roc_curve
+from anomaly.metrics.stateful import AUROC, F1Max, PerGroupAUROC, PixelMetrics
 
 __all__ = [
-    "AUPRO",
     "AUROC",
     "METRIC_KEYS",
     "F1Max",
     "PerGroupAUROC",
+    "PixelMetrics",
     "aupro",
     "auroc",
     "f1_max",
+    "pixel_metrics",
     "roc_curve",
 ]
 

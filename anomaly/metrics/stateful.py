@@ -6,16 +6,71 @@ across ranks, then computes the exact metric once.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from anomaly.metrics.functional import aupro, auroc_from_weights, check_binary, f1_max_from_weights
+from anomaly.metrics.functional import (
+    auroc,
+    check_binary,
+    f1_max,
+    pixel_metrics,
+    pixel_metrics_from_histograms,
+    region_labels,
+)
 
 
-class _BinaryScoreMetric(Metric):
-    """Exact ("cat" states) or histogram ("sum" states) accumulation of binary scores."""
+class _ImageScoreMetric(Metric):
+    """Keeps (B,) scores and {0, 1} labels ("cat" states) for one exact metric over all."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Adds a batch of scores and {0, 1} labels of the same (any) shape."""
+        check_binary(preds, target)
+        self.preds.append(preds.detach().flatten())
+        self.target.append(target.detach().flatten().to(torch.uint8))
+
+    def compute(self) -> Tensor:
+        """Returns the 0-dim float64 metric over everything accumulated."""
+        return self._metric(dim_zero_cat(self.preds), dim_zero_cat(self.target))
+
+    @staticmethod
+    def _metric(preds: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class AUROC(_ImageScoreMetric):
+    """Binary ROC AUC on raw scores, exact under DDP."""
+
+    _metric = staticmethod(auroc)
+
+
+class F1Max(_ImageScoreMetric):
+    """Maximum F1 over thresholds on raw scores, exact under DDP."""
+
+    _metric = staticmethod(f1_max)
+
+
+class PixelMetrics(Metric):
+    """Pixel AUROC, F1-max and AUPRO (see `pixel_metrics`) from one copy of the maps.
+
+    Args:
+        thresholds: None keeps every map (exact, memory grows with the set); an int keeps three
+            histograms of that many equal-width bins over ``score_range`` instead (memory fixed,
+            scores clamped into the range, pixels in one bin counted as ties).
+        score_range: (low, high) range of the histogram bins.
+        fpr_limit: upper FPR bound of the AUPRO integral, in (0, 1].
+    """
 
     is_differentiable = False
     higher_is_better = True
@@ -25,6 +80,7 @@ class _BinaryScoreMetric(Metric):
         self,
         thresholds: int | None = None,
         score_range: tuple[float, float] = (0.0, 1.0),
+        fpr_limit: float = 0.3,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -32,88 +88,21 @@ class _BinaryScoreMetric(Metric):
             raise ValueError(f"thresholds must be None or an int >= 2, got {thresholds!r}")
         if not score_range[0] < score_range[1]:
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
-        self.thresholds = thresholds
-        self.score_range = (float(score_range[0]), float(score_range[1]))
-        if thresholds is None:
-            self.add_state("preds", default=[], dist_reduce_fx="cat")
-            self.add_state("target", default=[], dist_reduce_fx="cat")
-        else:
-            zeros = torch.zeros(thresholds, dtype=torch.long)
-            self.add_state("positive_hist", default=zeros.clone(), dist_reduce_fx="sum")
-            self.add_state("negative_hist", default=zeros.clone(), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Adds a batch of scores and {0, 1} labels of the same (any) shape."""
-        check_binary(preds, target)
-        preds, target = preds.detach().flatten(), target.detach().flatten().to(torch.uint8)
-        if self.thresholds is None:
-            self.preds.append(preds)
-            self.target.append(target)
-            return
-        low, high = self.score_range
-        scaled = (preds.double().clamp(low, high) - low) / (high - low) * self.thresholds
-        bins = scaled.long().clamp(max=self.thresholds - 1)  # the top edge belongs to the last bin
-        # One bincount for both classes: positives are offset by one histogram length.
-        counts = torch.bincount(
-            bins + self.thresholds * target.long(), minlength=2 * self.thresholds
-        )
-        self.negative_hist += counts[: self.thresholds]
-        self.positive_hist += counts[self.thresholds :]
-
-    def compute(self) -> Tensor:
-        """Returns the 0-dim float64 metric over everything accumulated."""
-        if self.thresholds is None:
-            target = dim_zero_cat(self.target).double()
-            return self._from_weights(dim_zero_cat(self.preds).double(), target, 1 - target)
-        bin_scores = torch.arange(
-            self.thresholds, device=self.positive_hist.device, dtype=torch.float64
-        )
-        return self._from_weights(
-            bin_scores, self.positive_hist.double(), self.negative_hist.double()
-        )
-
-    @staticmethod
-    def _from_weights(scores: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-        raise NotImplementedError
-
-
-class AUROC(_BinaryScoreMetric):
-    """Binary ROC AUC on raw scores, exact under DDP.
-
-    Args:
-        thresholds: None keeps every score (exact); an int keeps two histograms of that many
-            equal-width bins over ``score_range`` (bounded memory, scores clamped into the range,
-            samples in one bin counted as ties).
-        score_range: (low, high) range of the histogram bins.
-    """
-
-    _from_weights = staticmethod(auroc_from_weights)
-
-
-class F1Max(_BinaryScoreMetric):
-    """Maximum F1 over thresholds on raw scores, exact under DDP; arguments as in `AUROC`."""
-
-    _from_weights = staticmethod(f1_max_from_weights)
-
-
-class AUPRO(Metric):
-    """Per-region-overlap AUC up to ``fpr_limit`` (see `aupro`), exact under DDP.
-
-    Args:
-        fpr_limit: upper FPR bound of the integral, in (0, 1].
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, fpr_limit: float = 0.3, **kwargs) -> None:
-        super().__init__(**kwargs)
         if not 0 < fpr_limit <= 1:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        self.thresholds = thresholds
+        self.score_range = (float(score_range[0]), float(score_range[1]))
         self.fpr_limit = fpr_limit
-        self.add_state("maps", default=[], dist_reduce_fx="cat")
-        self.add_state("masks", default=[], dist_reduce_fx="cat")
+        if thresholds is None:
+            self.add_state("maps", default=[], dist_reduce_fx="cat")
+            self.add_state("masks", default=[], dist_reduce_fx="cat")
+        else:
+            counts = torch.zeros(thresholds, dtype=torch.long)
+            self.add_state("normal_hist", default=counts.clone(), dist_reduce_fx="sum")
+            self.add_state("defect_hist", default=counts.clone(), dist_reduce_fx="sum")
+            overlap = torch.zeros(thresholds, dtype=torch.float64)
+            self.add_state("overlap_hist", default=overlap, dist_reduce_fx="sum")
+            self.add_state("num_regions", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, maps: Tensor, masks: Tensor) -> None:
         """Adds (B, H, W) anomaly maps and their (B, H, W) or (B, 1, H, W) {0, 1} masks."""
@@ -125,12 +114,42 @@ class AUPRO(Metric):
                 f"{tuple(maps.shape)} and {tuple(masks.shape)}"
             )
         check_binary(maps, masks)
-        self.maps.append(maps.detach())
-        self.masks.append(masks.detach().to(torch.uint8))
+        maps, masks = maps.detach(), masks.detach().to(torch.uint8)
+        if self.thresholds is None:
+            self.maps.append(maps)
+            self.masks.append(masks)
+            return
+        # Regions never span two images, so each batch's regions are final.
+        labels, num_regions = region_labels(masks)
+        low, high = self.score_range
+        scaled = (maps.double().flatten().clamp(low, high) - low) / (high - low) * self.thresholds
+        bins = scaled.long().clamp(max=self.thresholds - 1).cpu().numpy()  # top edge: last bin
+        in_region = labels > 0
+        sizes = np.bincount(labels)
+        per_bin = {
+            "normal_hist": np.bincount(bins[~in_region], minlength=self.thresholds),
+            "defect_hist": np.bincount(bins[in_region], minlength=self.thresholds),
+            "overlap_hist": np.bincount(
+                bins[in_region], weights=1.0 / sizes[labels[in_region]], minlength=self.thresholds
+            ),
+        }
+        for name, values in per_bin.items():
+            state = getattr(self, name)
+            state += torch.from_numpy(values).to(state)
+        self.num_regions += num_regions
 
-    def compute(self) -> Tensor:
-        """Returns the 0-dim float64 AUPRO over all accumulated images."""
-        return aupro(dim_zero_cat(self.maps), dim_zero_cat(self.masks), self.fpr_limit)
+    def compute(self) -> dict[str, Tensor]:
+        """Returns 0-dim float64 `pixel_auroc`, `pixel_f1_max` and `pixel_aupro`."""
+        if self.thresholds is None:
+            maps, masks = dim_zero_cat(self.maps), dim_zero_cat(self.masks)
+            return pixel_metrics(maps, masks, self.fpr_limit)
+        return pixel_metrics_from_histograms(
+            self.normal_hist,
+            self.defect_hist,
+            self.overlap_hist,
+            int(self.num_regions),
+            self.fpr_limit,
+        )
 
 
 class PerGroupAUROC(Metric):
@@ -169,13 +188,13 @@ class PerGroupAUROC(Metric):
 
     def compute(self) -> Tensor:
         """Returns (num_groups,) float64 AUROCs; nan for a group without anomalous images."""
-        scores = dim_zero_cat(self.scores).double()
-        labels = dim_zero_cat(self.labels).double()
+        scores = dim_zero_cat(self.scores)
+        labels = dim_zero_cat(self.labels)
         groups = dim_zero_cat(self.groups)
         normal = labels == 0
         results = []
         for group in range(self.num_groups):
             # Non-normal images that belong to the group are exactly its anomalous images.
             chosen = normal | (groups == group)
-            results.append(auroc_from_weights(scores[chosen], labels[chosen], 1 - labels[chosen]))
+            results.append(auroc(scores[chosen], labels[chosen]))
         return torch.stack(results)
