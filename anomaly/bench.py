@@ -204,9 +204,9 @@ def training_rates(device: torch.device, profile: Profile, conv_gflops: float) -
                 optimizer = module.optimizer(params=net.parameters())
                 images = torch.rand(profile.batch, 3, size, size, device=device)
                 masks = (torch.rand(profile.batch, 1, size, size, device=device) > 0.9).float()
-                if channels_last:
-                    net = net.to(memory_format=torch.channels_last)
-                    images = images.contiguous(memory_format=torch.channels_last)
+                layout = torch.channels_last if channels_last else torch.contiguous_format
+                net = net.to(memory_format=layout)
+                images = images.contiguous(memory_format=layout)
                 bf16 = label.startswith("bf16")
                 autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
@@ -307,9 +307,12 @@ def inference_rates(device: torch.device, profile: Profile) -> list[dict]:
     """The detector (network, map, score): batch-1 latency and batch-32 throughput."""
     rows = []
     for name in MODELS:
-        detector = build_detector(model_config(name)).to(device).eval()
-        one = torch.rand(1, 3, profile.infer_size, profile.infer_size, device=device)
-        many = torch.rand(32, 3, profile.infer_size, profile.infer_size, device=device)
+        # In the layout the Lightning module trains and evaluates in (`model.channels_last`).
+        layout = torch.channels_last
+        detector = build_detector(model_config(name)).to(device, memory_format=layout).eval()
+        size = profile.infer_size
+        one = torch.rand(1, 3, size, size, device=device).contiguous(memory_format=layout)
+        many = torch.rand(32, 3, size, size, device=device).contiguous(memory_format=layout)
         with torch.inference_mode():
             latency = median_seconds(partial(detector, one), profile.infer_repeats, device)
             batch = median_seconds(partial(detector, many), profile.repeats, device)
@@ -317,6 +320,7 @@ def inference_rates(device: torch.device, profile: Profile) -> list[dict]:
             {
                 "model": name,
                 "size": profile.infer_size,
+                "format": "fp32_channels_last",
                 "latency_ms_batch1": 1000 * latency,
                 "images_per_s_batch32": 32 / batch,
             }

@@ -1,16 +1,20 @@
-"""Callbacks: the test outputs written to the run directory, and the config kept in checkpoints."""
+"""Callbacks: when to validate, the test outputs written to the run directory, and the config
+kept in checkpoints."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -18,6 +22,75 @@ from PIL import Image
 from anomaly.files import atomic_path, write_text
 from anomaly.metrics import roc_curve
 from anomaly.visualization import colour_scale, heatmap_panel, save_roc_plot
+
+log = logging.getLogger(__name__)
+
+
+class ValidationSchedule(Callback):
+    """Validates after an epoch only when it costs at most `max_share` of the time around it.
+
+    Validation (which also fits the normal-map statistics the scores use) runs after an epoch
+    when the training time since the last validation is at least its last duration / max_share,
+    and always after the first and the last epoch and before a `trainer.max_time` stop, so the
+    final weights are validated. A small validation set next to long epochs is validated every
+    epoch; a quick epoch next to a costly validation, every few.
+
+    Only takes over from the default `trainer.check_val_every_n_epoch=1` (and
+    `val_check_interval` 1.0): any other setting is left to Lightning.
+
+    Args:
+        max_share: the largest share of the time validation may take, in (0, 1].
+    """
+
+    def __init__(self, max_share: float = 0.1) -> None:
+        if not 0 < max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        self.max_share = max_share
+        self.enabled = True
+        self._validation_seconds: float | None = None
+        self._validation_start = 0.0
+        self._last_validation_end = 0.0
+        self._last_batch_end = 0.0
+        self._batch_seconds = 0.0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.enabled = trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0
+        if not self.enabled:
+            log.info("validation follows trainer.check_val_every_n_epoch / val_check_interval")
+        self._validation_seconds = None
+        self._last_validation_end = self._last_batch_end = time.monotonic()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validation_start = time.monotonic()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._last_validation_end = time.monotonic()
+        self._validation_seconds = self._last_validation_end - self._validation_start
+
+    def _validate_after_this_epoch(self, trainer: Trainer) -> bool:
+        if self._validation_seconds is None or trainer.current_epoch + 1 == trainer.max_epochs:
+            return True
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining("train") if timer is not None else None
+        if remaining is not None and remaining <= 2 * self._batch_seconds:
+            return True  # the time budget stops training within a batch or two
+        trained = time.monotonic() - self._last_validation_end
+        return self._validation_seconds <= self.max_share * trained
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        self._batch_seconds, self._last_batch_end = now - self._last_batch_end, now
+        # Rank 0 decides for all, so every rank enters (or skips) validation together.
+        validate = trainer.strategy.broadcast(self._validate_after_this_epoch(trainer), src=0)
+        # Lightning validates at an epoch's end (or a stop) when (epoch + 1) % n == 0.
+        trainer.check_val_every_n_epoch = 1 if validate else trainer.current_epoch + 2
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_batch_end = time.monotonic()  # batch times leave out validation
 
 
 def _gather(items: list) -> list:

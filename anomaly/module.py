@@ -63,6 +63,9 @@ class AnomalyModule(LightningModule):
         scheduler: optional partial LR scheduler, called with the optimizer; stepped every epoch.
         name: model name written to metrics.json.
         pixel_thresholds: None for exact pixel metrics; an int bins them for fixed memory.
+        channels_last: keep the network's weights and the batches' images in the channels-last
+            memory format (NHWC), which the CPU and GPU convolution kernels run fastest on; the
+            results are the same.
     """
 
     def __init__(
@@ -73,8 +76,13 @@ class AnomalyModule(LightningModule):
         scheduler: Callable | None = None,
         name: str = "model",
         pixel_thresholds: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
+        if channels_last:
+            # Kept through `.to(device)` and checkpoint loading (copies into these tensors).
+            detector.net.to(memory_format=torch.channels_last)
         self.detector, self.loss = detector, loss
         self.optimizer, self.scheduler, self.name = optimizer, scheduler, name
         max_score = detector.anomaly_map.max_value
@@ -84,6 +92,13 @@ class AnomalyModule(LightningModule):
         self.test_per_defect: PerGroupAUROC | None = None
         self.defect_types: list[str] = []
         self.test_results: dict = {}
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.channels_last:
+            for key in ("input", "image"):
+                if key in batch:
+                    batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         prediction = self.detector.net(batch["input"])

@@ -53,6 +53,8 @@ def build_module(model: DictConfig) -> AnomalyModule:
         scheduler=instantiate(model.scheduler) if model.scheduler else None,
         name=model.name,
         pixel_thresholds=model.pixel_thresholds,
+        # Checkpoints of runs before the setting existed trained without it.
+        channels_last=model.get("channels_last", False),
     )
 
 

@@ -19,8 +19,8 @@ from tests.conftest import make_datamodule
 from tests.test_metrics import brute_auroc, reference_aupro
 
 
-def quiet_trainer() -> Trainer:
-    """A CPU trainer for one validate or test pass: no logger, checkpoints or progress bar."""
+def quiet_trainer(**settings) -> Trainer:
+    """A CPU trainer without logger, checkpoints or progress bar; `settings` add to them."""
     return Trainer(
         accelerator="cpu",
         logger=False,
@@ -28,6 +28,7 @@ def quiet_trainer() -> Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        **settings,
     )
 
 
@@ -142,3 +143,28 @@ def test_test_metrics_match_an_independent_computation_exact_and_binned(tiny_tre
         assert results[None][key] == pytest.approx(value, abs=1e-9), key
         # 2,000 bins over the map's range: close to exact.
         assert results[2000][key] == pytest.approx(value, abs=0.02), key
+
+
+def test_channels_last_gives_the_same_results_in_the_faster_layout(tiny_tree):
+    datamodule = make_datamodule(tiny_tree)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        reference = small_module()
+        model = AnomalyModule(
+            reference.detector, reference.loss, reference.optimizer, channels_last=channels_last
+        )
+        moved = model.on_after_batch_transfer(dict(batch), 0)
+        conv = model.detector.net.head[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert moved["input"].is_contiguous(memory_format=torch.channels_last) == channels_last
+        loss = model.training_step(moved, 0)
+        loss.backward()
+        model.detector.eval()
+        with torch.no_grad():
+            maps, scores, _ = model.detector(moved["image"])
+        results.append((loss.detach(), conv.grad.clone(), maps, scores))
+    for plain, fast in zip(*results, strict=True):
+        assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-5)
