@@ -105,7 +105,8 @@ def _gather(items: list) -> list:
 class TestResultsWriter(Callback):
     """Writes what a test run produces into `output_dir` (rank 0 only) and shows it to loggers.
 
-    Files: `metrics.json`, `scores.csv` (path, defect_type, label, score), `heatmaps/*.png`
+    Files: `metrics.json`, `scores.csv` (path, defect_type, label, score, normalized_score,
+    verdict: the calibrated threshold's call, `normal` or `anomalous`), `heatmaps/*.png`
     (input, reconstruction, anomaly map, ground truth, overlay; `num_heatmaps` per defect type),
     `roc_image.png` and `roc_pixel.png`.
     """
@@ -134,6 +135,8 @@ class TestResultsWriter(Callback):
                     "defect_type": defect_type,
                     "label": int(batch["label"][i]),
                     "score": float(outputs["pred_score"][i]),
+                    "normalized_score": float(outputs["normalized_score"][i]),
+                    "verdict": "anomalous" if outputs["verdict"][i] else "normal",
                 }
             )
             self._pixels.append(
@@ -162,7 +165,7 @@ class TestResultsWriter(Callback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows.sort(key=lambda row: row["path"])
         metrics = self.metrics_record(trainer, pl_module, len(rows))
-        fields = ["path", "defect_type", "label", "score"]
+        fields = ["path", "defect_type", "label", "score", "normalized_score", "verdict"]
         with (
             atomic_path(self.output_dir / "scores.csv") as temporary,
             open(temporary, "w", newline="") as handle,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from anomaly.detector import THRESHOLD_METHODS
 from anomaly.errors import ConfigError
 
 
@@ -63,3 +64,7 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     for key, value in (data.get("augment") or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             _fail(f"data.augment.{key}", value, "an amount >= 0")
+    threshold = cfg.get("threshold") or {}
+    if threshold.get("method", "f1_max") not in THRESHOLD_METHODS:
+        _fail("threshold.method", threshold.get("method"), " or ".join(THRESHOLD_METHODS))
+    _check_fraction("threshold.fpr", threshold.get("fpr", 0.01), high_open=True)

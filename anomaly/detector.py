@@ -7,15 +7,60 @@ was trained is the detector that scores.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.errors import ConfigError
 
 # The smallest spread of a standardized score: maps are errors of images in [0, 1].
 MIN_SPREAD = 1e-6
+# How the verdict threshold is chosen on validation scores (`calibrate_threshold`).
+THRESHOLD_METHODS = ("f1_max", "fpr")
+
+
+def calibrate_threshold(
+    scores: Tensor, labels: Tensor, method: str = "f1_max", fpr: float = 0.01
+) -> float:
+    """The score from which an image is called anomalous (score >= threshold).
+
+    Chosen on validation only (held-out normal images and their synthetic anomalies).
+
+    Args:
+        scores: (N,) image scores.
+        labels: (N,) 1 for anomalous, 0 for normal; at least one normal.
+        method: "f1_max": the anomalous score of the best F1 (the highest one on ties);
+            "fpr": the lowest threshold that calls at most a share `fpr` of the normal images
+            anomalous. Without anomalous images, "f1_max" falls back to "fpr" (it would call
+            everything anomalous).
+        fpr: the false-positive share of method "fpr", in [0, 1).
+
+    Returns:
+        The threshold, a float.
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ConfigError(f"threshold.method must be one of {THRESHOLD_METHODS}, got {method!r}")
+    if not 0 <= fpr < 1:
+        raise ConfigError(f"threshold.fpr must be in [0, 1), got {fpr}")
+    scores, labels = scores.detach().double().cpu(), labels.detach().cpu().bool()
+    normal, anomalous = scores[~labels].sort().values, scores[labels].sort().values
+    if len(normal) == 0:
+        raise ValueError("calibrating a threshold needs at least one normal image")
+    if method == "f1_max" and len(anomalous) > 0:
+        # Every candidate is an anomalous score: any other threshold is beaten by the next
+        # anomalous score above it (the same true positives, no more false ones).
+        true_pos = len(anomalous) - torch.searchsorted(anomalous, anomalous, right=False)
+        false_pos = len(normal) - torch.searchsorted(normal, anomalous, right=False)
+        f1 = 2 * true_pos / (true_pos + false_pos + len(anomalous))
+        best = f1 == f1.max()
+        return float(anomalous[best].max())
+    # Just above the (k+1)-th highest normal score: at most k = floor(fpr * N) normals reach it.
+    allowed = math.floor(fpr * len(normal))
+    return math.nextafter(float(normal.flip(0)[allowed]), math.inf)
 
 
 class AnomalyDetector(nn.Module):
@@ -49,6 +94,9 @@ class AnomalyDetector(nn.Module):
         # Per-pixel statistics of normal maps (H, W); empty until set. Saved with the weights.
         self.register_buffer("normal_mean", torch.empty(0))
         self.register_buffer("normal_std", torch.empty(0))
+        # The verdict threshold and the median normal score (validation); nan until calibrated.
+        self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
+        self.register_buffer("normal_median", torch.tensor(math.nan, dtype=torch.float64))
 
     @property
     def has_normal_statistics(self) -> bool:
@@ -58,11 +106,36 @@ class AnomalyDetector(nn.Module):
         """Store the per-pixel mean and spread (H, W) of normal maps (`NormalMapStatistics`)."""
         self.normal_mean, self.normal_std = mean, std
 
+    @property
+    def has_threshold(self) -> bool:
+        return bool(torch.isfinite(self.threshold))
+
+    def set_threshold(self, threshold: float, normal_median: float) -> None:
+        """Store the verdict threshold and the median normal score (`calibrate_threshold`)."""
+        self.threshold.fill_(threshold)
+        self.normal_median.fill_(normal_median)
+
+    def normalized_score(self, scores: Tensor) -> Tensor:
+        """Scores (B,) on a 0-1 scale: the median normal score at 0, the threshold at 0.5.
+
+        Linear in between and beyond (twice the threshold's distance from the median is 1),
+        clipped to [0, 1]; nan before calibration.
+        """
+        spread = (self.threshold - self.normal_median).clamp(min=MIN_SPREAD)
+        return (0.5 * (scores.double() - self.normal_median) / spread).clamp(0.0, 1.0)
+
+    def verdict(self, scores: Tensor) -> Tensor:
+        """(B,) True where a score reaches the threshold (anomalous); all False before it is set."""
+        return scores.double() >= self.threshold
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The statistics' shape depends on the image size: take it from the checkpoint.
         for name in ("normal_mean", "normal_std"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        # Checkpoints from before calibration existed have no threshold: it stays unset.
+        for name in ("threshold", "normal_median"):
+            state_dict.setdefault(prefix + name, torch.tensor(math.nan, dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def score(self, maps: Tensor) -> Tensor:
@@ -134,3 +207,23 @@ class NormalMapStatistics(Metric):
         # Every map alike (std 0 everywhere) still gives a finite, positive floor.
         floor = std.mean().clamp(min=MIN_SPREAD)
         return mean.float(), (std + floor).float()
+
+
+class ValidationMaps(Metric):
+    """The validation maps (N, H, W) and labels (N,) of every rank, to score them again."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("maps", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, maps: Tensor, labels: Tensor) -> None:
+        """Adds maps (B, H, W) and labels (B,)."""
+        self.maps.append(maps.detach())
+        self.labels.append(labels.detach().long())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return dim_zero_cat(self.maps), dim_zero_cat(self.labels)

@@ -12,9 +12,14 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from anomaly.detector import AnomalyDetector, NormalMapStatistics
+from anomaly.detector import (
+    AnomalyDetector,
+    NormalMapStatistics,
+    ValidationMaps,
+    calibrate_threshold,
+)
 from anomaly.errors import NonFiniteError
-from anomaly.metrics import AUROC, F1Max, PerGroupAUROC, PixelMetrics
+from anomaly.metrics import AUROC, METRIC_KEYS, F1Max, PerGroupAUROC, PixelMetrics
 from anomaly.objective import ReconstructionLoss
 
 
@@ -63,6 +68,8 @@ class AnomalyModule(LightningModule):
         scheduler: optional partial LR scheduler, called with the optimizer; stepped every epoch.
         name: model name written to metrics.json.
         pixel_thresholds: None for exact pixel metrics; an int bins them for fixed memory.
+        threshold: how the verdict threshold is calibrated on validation: `method` ("f1_max" or
+            "fpr") and `fpr` (see `calibrate_threshold`).
         channels_last: keep the network's weights and the batches' images in the channels-last
             memory format (NHWC), which the CPU and GPU convolution kernels run fastest on; the
             results are the same.
@@ -76,9 +83,11 @@ class AnomalyModule(LightningModule):
         scheduler: Callable | None = None,
         name: str = "model",
         pixel_thresholds: int | None = None,
+        threshold: dict | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.threshold = {"method": "f1_max", "fpr": 0.01, **(threshold or {})}
         self.channels_last = channels_last
         if channels_last:
             # Kept through `.to(device)` and checkpoint loading (copies into these tensors).
@@ -89,6 +98,7 @@ class AnomalyModule(LightningModule):
         self.val_metrics = stage_metrics(pixel_thresholds, max_score, test=False)
         self.test_metrics = stage_metrics(pixel_thresholds, max_score, test=True)
         self.normal_statistics = NormalMapStatistics()
+        self.validation_maps = ValidationMaps()
         self.test_per_defect: PerGroupAUROC | None = None
         self.defect_types: list[str] = []
         self.test_results: dict = {}
@@ -167,11 +177,13 @@ class AnomalyModule(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.normal_statistics.reset()
+        self.validation_maps.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         maps, scores, reconstruction = self.detector(batch["image"])
         self._check_scores(maps, scores, batch)
         self._update(self.val_metrics, batch, maps, scores)
+        self.validation_maps.update(maps, batch["label"])
         normal = batch["label"] == 0
         if normal.any():
             self.normal_statistics.update(maps[normal])
@@ -185,6 +197,15 @@ class AnomalyModule(LightningModule):
         if self.normal_statistics.update_called and not self.trainer.sanity_checking:
             # For the next scores, and saved with this epoch's checkpoint.
             self.detector.set_normal_statistics(*self.normal_statistics.compute())
+            self._calibrate_threshold()
+
+    def _calibrate_threshold(self) -> None:
+        """The verdict threshold on this validation's maps, scored with the new statistics."""
+        maps, labels = self.validation_maps.compute()
+        scores = self.detector.score(maps)
+        threshold = calibrate_threshold(scores, labels, **self.threshold)
+        self.detector.set_threshold(threshold, float(scores[labels == 0].median()))
+        self.log("val/threshold", threshold)
 
     def on_test_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -201,13 +222,20 @@ class AnomalyModule(LightningModule):
             groups = torch.tensor([index[d] for d in batch["defect_type"]], device=self.device)
             self.test_per_defect.update(scores, batch["label"].long(), groups)
         # What the TestResultsWriter callback receives as `outputs`.
-        return {"anomaly_map": maps, "pred_score": scores, "reconstruction": reconstruction}
+        return {
+            "anomaly_map": maps,
+            "pred_score": scores,
+            "normalized_score": self.detector.normalized_score(scores),
+            "verdict": self.detector.verdict(scores),
+            "reconstruction": reconstruction,
+        }
 
     def on_test_epoch_end(self) -> None:
-        results = {}
-        for key, value in compute_stage_metrics(self.test_metrics).items():
+        values = compute_stage_metrics(self.test_metrics)
+        # In the order metrics.json and the tables show them.
+        results = {key: float(values[key]) for key in METRIC_KEYS}
+        for key, value in results.items():
             self.log(f"test/{key}", value)
-            results[key] = float(value)
         per_defect = {}
         if self.test_per_defect is not None:
             values = self.test_per_defect.compute()

@@ -44,7 +44,7 @@ def load_detector(path: str | Path) -> tuple[AnomalyDetector, dict]:
     return detector.eval(), config
 
 
-def build_module(model: DictConfig) -> AnomalyModule:
+def build_module(model: DictConfig, threshold: DictConfig | None = None) -> AnomalyModule:
     """The Lightning module of a model config: its detector, objective loss and optimizer."""
     return AnomalyModule(
         build_detector(model),
@@ -55,6 +55,7 @@ def build_module(model: DictConfig) -> AnomalyModule:
         pixel_thresholds=model.pixel_thresholds,
         # Checkpoints of runs before the setting existed trained without it.
         channels_last=model.get("channels_last", False),
+        threshold=OmegaConf.to_container(threshold) if threshold is not None else None,
     )
 
 
@@ -78,7 +79,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """
     L.seed_everything(cfg.seed, workers=True)
     # Checked before this task writes anything (config_resolved.yaml, checkpoints, logs).
-    model = build_module(cfg.model)
+    model = build_module(cfg.model, cfg.get("threshold"))
     check_training_config(cfg, model.detector.net.stride)
     claim_for_training(cfg)
     ckpt_path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.model.name)

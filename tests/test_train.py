@@ -64,7 +64,9 @@ def check_outputs(run_dir: Path, model: str) -> dict:
     assert metrics["num_test_images"] == 132
     with open(run_dir / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 132 and set(rows[0]) == {"path", "defect_type", "label", "score"}
+    assert len(rows) == 132
+    assert set(rows[0]) == {"path", "defect_type", "label", "score", "normalized_score", "verdict"}
+    assert {row["verdict"] for row in rows} <= {"normal", "anomalous"}
     assert {row["defect_type"] for row in rows} == DEFECTS | {"good"}
     assert all(row["label"] == str(int(row["defect_type"] != "good")) for row in rows)
     panels = sorted(p.name for p in (run_dir / "heatmaps").glob("*.png"))
