@@ -108,3 +108,51 @@ def save_roc_plot(
             figure.savefig(temporary, format="png")
     finally:
         plt.close(figure)
+
+
+# The shorter side of a prediction overlay's image, in pixels, at least.
+OVERLAY_MIN_SIDE = 256
+
+
+def save_prediction_overlay(
+    image: np.ndarray, anomaly_map: np.ndarray, vmax: float, title: str, path: str | Path
+) -> None:
+    """Write an image with its anomaly map laid over it, a colour bar in map units and a title.
+
+    Args:
+        image: (H, W, 3) uint8, the image at its own size.
+        anomaly_map: (H, W) map at the same size.
+        vmax: map value shown as the hottest colour (the same for every image of a run).
+        title: e.g. the score and the verdict.
+        path: the PNG to write.
+    """
+    height, width = image.shape[:2]
+    scale = max(1.0, OVERLAY_MIN_SIDE / min(height, width))
+    dpi = 100
+    # The image keeps at least OVERLAY_MIN_SIDE pixels on its short side; the bar and the title
+    # get fixed margins beside and above it.
+    image_w, image_h = width * scale / dpi, height * scale / dpi
+    bar, margin, top = 0.9, 0.1, 0.35
+    figure = plt.figure(figsize=(image_w + bar + 2 * margin, image_h + top + margin), dpi=dpi)
+    fig_w, fig_h = figure.get_size_inches()
+    axes = figure.add_axes((margin / fig_w, margin / fig_h, image_w / fig_w, image_h / fig_h))
+    colour_axes = figure.add_axes(
+        ((margin + image_w + 0.1) / fig_w, margin / fig_h, 0.15 / fig_w, image_h / fig_h)
+    )
+    axes.imshow(image, interpolation="bilinear")
+    heat = axes.imshow(
+        anomaly_map,
+        cmap="jet",
+        vmin=0.0,
+        vmax=max(vmax, 1e-12),
+        alpha=0.45,
+        interpolation="bilinear",
+    )
+    axes.set_axis_off()
+    figure.colorbar(heat, cax=colour_axes).ax.tick_params(labelsize=7)
+    figure.text(margin / fig_w, 1 - 0.25 / fig_h, title, fontsize=9)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=dpi)
+    finally:
+        plt.close(figure)

@@ -108,13 +108,18 @@ def read_rgb(path: Path) -> np.ndarray:
     return rgb_pixels(open_image(path), path)
 
 
+def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 RGB pixels (h, w, 3) to size=(H, W) as every model input is resized."""
+    return A.Resize(*size, interpolation=cv2.INTER_AREA)(image=pixels)["image"]
+
+
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     """Read an image as RGB (grayscale is repeated to 3 channels) resized to size=(H, W).
 
     Returns:
         uint8 array (H, W, 3).
     """
-    return A.Resize(*size, interpolation=cv2.INTER_AREA)(image=read_rgb(path))["image"]
+    return resize_rgb(read_rgb(path), size)
 
 
 def mask_levels(image: Image.Image) -> np.ndarray:
