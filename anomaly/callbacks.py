@@ -93,6 +93,21 @@ class ValidationSchedule(Callback):
         self._last_batch_end = time.monotonic()  # batch times leave out validation
 
 
+def verdict_name(anomalous: bool, normalized_score: float) -> str:
+    """`anomalous` or `normal`; `uncalibrated` for a detector without a threshold (nan score)."""
+    if not math.isfinite(normalized_score):
+        return "uncalibrated"
+    return "anomalous" if anomalous else "normal"
+
+
+def panel_title(path: str, defect_type: str, row: dict) -> str:
+    """A heatmap panel's heading: which image, its score and the calibrated verdict."""
+    title = f"{defect_type}/{Path(path).name}: score {row['score']:.4g}, {row['verdict']}"
+    if math.isfinite(row["normalized_score"]):
+        title += f" (normalized {row['normalized_score']:.2f})"
+    return title
+
+
 def _gather(items: list) -> list:
     """All ranks' lists concatenated (the list itself without distributed training)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -136,7 +151,9 @@ class TestResultsWriter(Callback):
                     "label": int(batch["label"][i]),
                     "score": float(outputs["pred_score"][i]),
                     "normalized_score": float(outputs["normalized_score"][i]),
-                    "verdict": "anomalous" if outputs["verdict"][i] else "normal",
+                    "verdict": verdict_name(
+                        bool(outputs["verdict"][i]), float(outputs["normalized_score"][i])
+                    ),
                 }
             )
             self._pixels.append(
@@ -155,6 +172,7 @@ class TestResultsWriter(Callback):
                         "reconstruction": outputs["reconstruction"][i].float().cpu(),
                         "anomaly_map": outputs["anomaly_map"][i].float().cpu(),
                         "mask": batch["mask"][i, 0].cpu(),
+                        "title": panel_title(path, defect_type, self._rows[-1]),
                     }
                 )
 
@@ -232,7 +250,12 @@ class TestResultsWriter(Callback):
         images = {}
         for panel in sorted(panels, key=lambda p: p["path"]):
             image = heatmap_panel(
-                panel["image"], panel["reconstruction"], panel["anomaly_map"], panel["mask"], vmax
+                panel["image"],
+                panel["reconstruction"],
+                panel["anomaly_map"],
+                panel["mask"],
+                vmax,
+                panel["title"],
             )
             name = f"{panel['defect_type']}_{Path(panel['path']).stem}"
             with atomic_path(folder / f"{name}.png") as temporary:

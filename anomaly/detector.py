@@ -118,11 +118,12 @@ class AnomalyDetector(nn.Module):
     def normalized_score(self, scores: Tensor) -> Tensor:
         """Scores (B,) on a 0-1 scale: the median normal score at 0, the threshold at 0.5.
 
-        Linear in between and beyond (twice the threshold's distance from the median is 1),
-        clipped to [0, 1]; nan before calibration.
+        Linear in the score with the threshold's distance from the median as its unit (twice
+        that distance is 1), clipped to [0, 1], so a score reaches 0.5 exactly when its verdict
+        is anomalous, even for a threshold below the median; nan before calibration.
         """
         spread = (self.threshold - self.normal_median).clamp(min=MIN_SPREAD)
-        return (0.5 * (scores.double() - self.normal_median) / spread).clamp(0.0, 1.0)
+        return (0.5 + 0.5 * (scores.double() - self.threshold) / spread).clamp(0.0, 1.0)
 
     def verdict(self, scores: Tensor) -> Tensor:
         """(B,) True where a score reaches the threshold (anomalous); all False before it is set."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anomaly.callbacks import verdict_name
 from anomaly.data.images import IMAGE_SUFFIXES, read_rgb, resize_rgb
 from anomaly.detector import AnomalyDetector
 from anomaly.errors import AnomalyError, ConfigError, DatasetError, NonFiniteError
@@ -155,12 +156,11 @@ def predict(settings: Settings) -> int:
         normalized = detector.normalized_score(scores.to(detector.threshold.device)).cpu()
         verdicts = detector.verdict(scores.to(detector.threshold.device)).cpu()
         for i, path in enumerate(batch_files):
-            verdict = "anomalous" if verdicts[i] else "normal"
             row = {
                 "path": str(path),
                 "score": float(scores[i]),
                 "normalized_score": float(normalized[i]),
-                "verdict": verdict if detector.has_threshold else "uncalibrated",
+                "verdict": verdict_name(bool(verdicts[i]), float(normalized[i])),
             }
             rows.append(row)
             if settings.heatmaps:

@@ -49,39 +49,83 @@ def colorize(anomaly_map: Tensor, vmax: float) -> np.ndarray:
     return (colormaps["jet"](values)[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
+# Panel tiles are enlarged (by whole pixels) to at least this many pixels on their short side.
+PANEL_MIN_TILE = 256
+# Rows above the tiles: the panel's title, then each tile's.
+PANEL_HEADER = 2 * TITLE_HEIGHT
+# The colour bar column right of the tiles: a gradient and its labels in map units.
+COLOUR_BAR_WIDTH = 64
+
+
+def _enlarge(tile: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, 3) -> (factor * H, factor * W, 3), every pixel a block: nothing is invented."""
+    return np.repeat(np.repeat(tile, factor, axis=0), factor, axis=1)
+
+
+def _colour_bar(height: int, vmax: float) -> Image.Image:
+    """A (height, COLOUR_BAR_WIDTH) strip: the "jet" gradient from vmax (top) to 0, labelled."""
+    strip = Image.new("RGB", (COLOUR_BAR_WIDTH, height), "white")
+    values = np.linspace(1.0, 0.0, height)[:, None].repeat(14, axis=1)
+    gradient = (colormaps["jet"](values)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+    strip.paste(Image.fromarray(gradient), (4, 0))
+    draw = ImageDraw.Draw(strip)
+    for fraction in (0.0, 0.5, 1.0):
+        y = min(height - TITLE_HEIGHT, round((1.0 - fraction) * (height - 1)))
+        draw.text((21, max(0, y - 4)), f"{fraction * vmax:.3g}", fill="black")
+    return strip
+
+
 def heatmap_panel(
-    image: Tensor, reconstruction: Tensor, anomaly_map: Tensor, mask: Tensor, vmax: float
+    image: Tensor,
+    reconstruction: Tensor,
+    anomaly_map: Tensor,
+    mask: Tensor,
+    vmax: float,
+    title: str = "",
 ) -> np.ndarray:
     """Five tiles side by side: input, reconstruction, anomaly map, ground truth, overlay.
+
+    Tiles are enlarged by a whole factor to at least `PANEL_MIN_TILE` pixels on their short side;
+    a colour bar in map units stands right of them and `title` (e.g. the score and verdict)
+    above them.
 
     Args:
         image, reconstruction: (3, H, W) in [0, 1].
         anomaly_map: (H, W); colours span [0, vmax] so panels of one run are comparable.
         mask: (H, W) or (1, H, W) ground truth in {0, 1}.
         vmax: map value shown as the hottest colour.
+        title: the panel's heading.
 
     Returns:
-        (TITLE_HEIGHT + H, 5 * W, 3) uint8.
+        (PANEL_HEADER + k * H, 5 * k * W + COLOUR_BAR_WIDTH, 3) uint8, k the enlargement.
     """
     rgb = to_uint8_rgb(image)
     heat = colorize(anomaly_map, vmax)
     truth = (mask.detach().reshape(rgb.shape[:2]).float().cpu().numpy() > 0.5).astype(np.uint8)
     overlay = (0.55 * rgb + 0.45 * heat).astype(np.uint8)
+    factor = max(1, math.ceil(PANEL_MIN_TILE / min(rgb.shape[:2])))
     tiles = [
-        rgb,
-        to_uint8_rgb(reconstruction),
-        heat,
-        np.repeat(truth[..., None] * 255, 3, 2),
-        overlay,
+        _enlarge(tile, factor)
+        for tile in (
+            rgb,
+            to_uint8_rgb(reconstruction),
+            heat,
+            np.repeat(truth[..., None] * 255, 3, 2),
+            overlay,
+        )
     ]
-    height, width = rgb.shape[:2]
-    canvas = Image.new("RGB", (width * len(tiles), height + TITLE_HEIGHT), "white")
+    height, width = tiles[0].shape[:2]
+    canvas = Image.new(
+        "RGB", (width * len(tiles) + COLOUR_BAR_WIDTH, height + PANEL_HEADER), "white"
+    )
     draw = ImageDraw.Draw(canvas)
-    fits = all(draw.textlength(title) + 4 <= width for title in PANEL_TITLES)
-    titles = PANEL_TITLES if fits else SHORT_TITLES
-    for i, (tile, title) in enumerate(zip(tiles, titles, strict=True)):
-        canvas.paste(Image.fromarray(tile), (i * width, TITLE_HEIGHT))
-        draw.text((i * width + 2, 1), title, fill="black")
+    draw.text((2, 1), title, fill="black")
+    fits = all(draw.textlength(name) + 4 <= width for name in PANEL_TITLES)
+    names = PANEL_TITLES if fits else SHORT_TITLES
+    for i, (tile, name) in enumerate(zip(tiles, names, strict=True)):
+        canvas.paste(Image.fromarray(tile), (i * width, PANEL_HEADER))
+        draw.text((i * width + 2, TITLE_HEIGHT + 1), name, fill="black")
+    canvas.paste(_colour_bar(height, vmax), (width * len(tiles), PANEL_HEADER))
     return np.asarray(canvas)
 
 

@@ -81,6 +81,10 @@ def test_normalized_score_puts_the_median_at_0_and_the_threshold_at_0_5():
     expected = torch.tensor([0.0, 0.0, 0.25, 0.5, 1.0, 1.0], dtype=torch.float64)
     assert torch.equal(detector.normalized_score(scores), expected)
     assert detector.verdict(scores).tolist() == [False, False, False, True, True, True]
+    # A threshold below the median (a poor model's F1-max): 0.5 still splits the verdicts.
+    detector.set_threshold(2.0, normal_median=5.0)
+    normalized = detector.normalized_score(scores)
+    assert torch.equal(normalized >= 0.5, detector.verdict(scores))
 
 
 def test_validation_calibrates_the_threshold_it_saves_and_old_checkpoints_load(tiny_tree):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from anomaly.metrics import METRIC_KEYS
-from anomaly.visualization import TITLE_HEIGHT
+from anomaly.visualization import COLOUR_BAR_WIDTH, PANEL_HEADER, PANEL_MIN_TILE
 from tests.conftest import write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,9 @@ def check_outputs(run_dir: Path, model: str) -> dict:
     assert len(panels) == 6 and any(name.startswith("crack_") for name in panels)
     # The anomaly-map tiles share one colour scale that spans the test maps: not one flat colour.
     heat = [np.asarray(Image.open(run_dir / "heatmaps" / name)) for name in panels]
-    width = heat[0].shape[1] // 5
-    colours = np.concatenate([h[TITLE_HEIGHT:, 2 * width : 3 * width].reshape(-1, 3) for h in heat])
+    width = (heat[0].shape[1] - COLOUR_BAR_WIDTH) // 5
+    assert width >= PANEL_MIN_TILE
+    colours = np.concatenate([h[PANEL_HEADER:, 2 * width : 3 * width].reshape(-1, 3) for h in heat])
     assert len(np.unique(colours, axis=0)) > 20
     assert (run_dir / "roc_image.png").is_file() and (run_dir / "roc_pixel.png").is_file()
     return metrics
