@@ -232,10 +232,11 @@ class AnomalyModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         values = compute_stage_metrics(self.test_metrics)
-        # In the order metrics.json and the tables show them.
-        results = {key: float(values[key]) for key in METRIC_KEYS}
-        for key, value in results.items():
-            self.log(f"test/{key}", value)
+        results = {}
+        for key in METRIC_KEYS:  # in the order metrics.json and the tables show them
+            # The float64 tensor: a Python float would be logged as float32.
+            self.log(f"test/{key}", values[key])
+            results[key] = float(values[key])
         per_defect = {}
         if self.test_per_defect is not None:
             values = self.test_per_defect.compute()
