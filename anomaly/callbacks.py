@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from anomaly.errors import ConfigError
 from anomaly.files import atomic_path, write_text
 from anomaly.metrics import roc_curve
 from anomaly.visualization import colour_scale, heatmap_panel, save_roc_plot
@@ -44,7 +45,9 @@ class ValidationSchedule(Callback):
 
     def __init__(self, max_share: float = 0.1) -> None:
         if not 0 < max_share <= 1:
-            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+            raise ConfigError(
+                f"callbacks.validation_schedule.max_share must be in (0, 1], got {max_share}"
+            )
         self.max_share = max_share
         self.enabled = True
         self._validation_seconds: float | None = None

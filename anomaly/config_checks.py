@@ -68,3 +68,8 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     if threshold.get("method", "f1_max") not in THRESHOLD_METHODS:
         _fail("threshold.method", threshold.get("method"), " or ".join(THRESHOLD_METHODS))
     _check_fraction("threshold.fpr", threshold.get("fpr", 0.01), high_open=True)
+    schedule = (cfg.get("callbacks") or {}).get("validation_schedule") or {}
+    if "max_share" in schedule:
+        _check_fraction(
+            "callbacks.validation_schedule.max_share", schedule.max_share, low_open=True
+        )

@@ -119,6 +119,12 @@ def test_groups_compose(model, trainer, logger):
         (["model.objective.corruption.prob=often"], "corruption.prob='often' is out of range"),
         (["model.objective.corruption.prob=nan"], "corruption.prob=nan is out of range"),
         (["data.augment.rotate=-5"], "data.augment.rotate=-5"),
+        (["threshold.method=youden"], "threshold.method='youden' is out of range"),
+        (["threshold.fpr=1.0"], "threshold.fpr=1.0 is out of range"),
+        (
+            ["callbacks.validation_schedule.max_share=0"],
+            "callbacks.validation_schedule.max_share=0 is out of range",
+        ),
     ],
 )
 def test_out_of_range_settings_are_config_errors_naming_the_key(overrides, message):
