@@ -104,16 +104,22 @@ def ssim_map(
         )
     kernel = gaussian_kernel1d(sigma, window_size // 2, x.dtype).to(x.device)
     channels = x.shape[1]
-    # One filtering pass over all five local moments.
-    moments = gaussian_filter(torch.cat([x, y, x * x, y * y, x * y], dim=1), kernel)
-    mu_x, mu_y, xx, yy, xy = moments.split(channels, dim=1)  # each (B, C, H, W)
-    var_x = xx - mu_x * mu_x
-    var_y = yy - mu_y * mu_y
-    cov = xy - mu_x * mu_y
+    # Wang et al.'s two factors rewritten without cancellation (equal in exact arithmetic):
+    # 2 mu_x mu_y = mu_x^2 + mu_y^2 - mu_d^2 and 2 cov = var_x + var_y - var_d, with d = x - y,
+    # whose moments are small, so float32 keeps their digits. The images are centred on half
+    # the data range, which shrinks the moments var_x + var_y is the difference of.
+    half = data_range / 2
+    x_c, y_c, d = x - half, y - half, x - y
+    moments = gaussian_filter(torch.cat([x_c, y_c, x_c * x_c + y_c * y_c, d * d], dim=1), kernel)
+    mu_xc, mu_yc, squares, d_squares = moments.split(channels, dim=1)  # each (B, C, H, W)
+    mu_d = mu_xc - mu_yc
+    mu_x, mu_y = mu_xc + half, mu_yc + half
+    var_sum = squares - mu_xc * mu_xc - mu_yc * mu_yc  # var_x + var_y
+    var_d = d_squares - mu_d * mu_d
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
-    luminance = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
-    return luminance * (2 * cov + c2) / (var_x + var_y + c2)
+    luminance = 1 - mu_d * mu_d / (mu_x * mu_x + mu_y * mu_y + c1)
+    return luminance * (1 - var_d / (var_sum + c2))
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
