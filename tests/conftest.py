@@ -75,3 +75,16 @@ def make_datamodule(root: Path, **overrides) -> AnomalyDataModule:
 def tiny_tree(tmp_path: Path) -> Path:
     write_tree(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny training run of the built-in set: (its folder, its best checkpoint, the data)."""
+    from tests.test_train import run, tiny_settings
+
+    data_dir = tmp_path_factory.mktemp("data")
+    run_dir = tmp_path_factory.mktemp("run")
+    done = run("train.py", *tiny_settings(data_dir, run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    return run_dir, best, data_dir / "synthetic" / "capsule"

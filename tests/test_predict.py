@@ -11,18 +11,6 @@ from PIL import Image
 
 from anomaly.predict import main
 from anomaly.visualization import OVERLAY_MIN_SIDE
-from tests.test_train import run, tiny_settings
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny training run: (its folder, its best checkpoint, the data folder)."""
-    data_dir = tmp_path_factory.mktemp("data")
-    run_dir = tmp_path_factory.mktemp("run")
-    done = run("train.py", *tiny_settings(data_dir, run_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
-    best = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
-    return run_dir, best, data_dir / "synthetic" / "capsule"
 
 
 def read_rows(path) -> list[dict]:
