@@ -1,4 +1,6 @@
-"""Speed and memory on this machine, side by side: `python -m anomaly.bench [--quick] [--output F]`.
+"""Speed and memory on this machine, side by side.
+
+    python -m anomaly.bench [--quick] [--only SECTION ...] [--output FILE]
 
 Every figure is the median of several repeats in one process, on the current device (CUDA when
 present, else the CPU):
@@ -10,7 +12,8 @@ present, else the CPU):
   `torch.utils.flop_counter`, the achieved rate as a fraction of the convolution rate, peak memory;
 - corrupt: training corruptions, images/s on one thread, per kind;
 - loader: the DataModule's training loader, images/s with 0, 1 and 2 workers;
-- infer: batch-1 latency and batch-32 throughput of the AnomalyDetector;
+- infer: batch-1 latency and batch-32 throughput of the whole prediction pipeline
+  (`ImagePipeline`) at 128 and 256 px, through PyTorch and through onnxruntime (CPU);
 - metrics: seconds and peak memory to compute every test metric for 132 maps per size.
 
 Writes `bench.json` (or `--output`) and prints one table per section.
@@ -40,8 +43,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from anomaly.data.corruptions import corrupt
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.textures import TextureSource
+from anomaly.export import INPUT_NAME, export_onnx, metadata, require
 from anomaly.files import write_text
 from anomaly.module import compute_stage_metrics, stage_metrics, update_stage_metrics
+from anomaly.pipeline import ImagePipeline
 from anomaly.tasks import build_detector, build_module
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -61,8 +66,9 @@ class Profile:
     loader_size: int = 128
     loader_workers: tuple[int, ...] = (0, 1, 2)
     loader_batches: int = 12
-    infer_size: int = 256
-    infer_repeats: int = 10
+    infer_sizes: tuple[int, ...] = (128, 256)
+    infer_runtimes: tuple[str, ...] = ("pytorch", "onnxruntime")
+    infer_repeats: int = 30
     metric_sizes: tuple[int, ...] = (256, 1024)
     metric_images: int = 132
     matmul_side: int = 2048
@@ -79,6 +85,7 @@ PROFILES = {
         corrupt_images=16,
         loader_workers=(0, 2),
         loader_batches=3,
+        infer_sizes=(256,),
         infer_repeats=5,
         metric_sizes=(256,),
         repeats=2,
@@ -93,7 +100,8 @@ PROFILES = {
         loader_size=32,
         loader_workers=(0, 1),
         loader_batches=1,
-        infer_size=32,
+        infer_sizes=(32,),
+        infer_runtimes=("pytorch",),
         infer_repeats=1,
         metric_sizes=(32,),
         metric_images=4,
@@ -304,28 +312,54 @@ def loader_rates(profile: Profile) -> list[dict]:
     return rows
 
 
-def inference_rates(device: torch.device, profile: Profile) -> list[dict]:
-    """The detector (network, map, score): batch-1 latency and batch-32 throughput."""
-    rows = []
-    for name in MODELS:
-        # In the layout the Lightning module trains and evaluates in (`model.channels_last`).
-        layout = torch.channels_last
-        detector = build_detector(model_config(name)).to(device, memory_format=layout).eval()
-        size = profile.infer_size
-        one = torch.rand(1, 3, size, size, device=device).contiguous(memory_format=layout)
-        many = torch.rand(32, 3, size, size, device=device).contiguous(memory_format=layout)
+def inference_pipeline(name: str, size: int, device: torch.device) -> ImagePipeline:
+    """A model's untrained `ImagePipeline` at `size`, standardizing as a trained one does."""
+    detector = build_detector(model_config(name))
+    detector.set_normal_statistics(torch.zeros(size, size), torch.ones(size, size))
+    detector.set_threshold(1.0, 0.0)
+    # In the layout the Lightning module trains and evaluates in (`model.channels_last`).
+    detector.net.to(memory_format=torch.channels_last)
+    return ImagePipeline(detector, (size, size)).to(device).eval()
+
+
+def inference_runtimes(pipeline: ImagePipeline, device: torch.device, profile: Profile, folder):
+    """(runtime name, run(uint8 images as numpy)) for PyTorch and, on the CPU, onnxruntime."""
+
+    def torch_run(images: np.ndarray):
         with torch.inference_mode():
-            latency = median_seconds(partial(detector, one), profile.infer_repeats, device)
-            batch = median_seconds(partial(detector, many), profile.repeats, device)
-        rows.append(
-            {
-                "model": name,
-                "size": profile.infer_size,
-                "format": "fp32_channels_last",
-                "latency_ms_batch1": 1000 * latency,
-                "images_per_s_batch32": 32 / batch,
-            }
-        )
+            return pipeline(torch.from_numpy(images).to(device))
+
+    yield "pytorch", torch_run
+    if "onnxruntime" not in profile.infer_runtimes or device.type != "cpu":
+        return
+    path = Path(folder) / "model.onnx"
+    export_onnx(pipeline, path, metadata(pipeline, "bench", "none"))
+    session = require("onnxruntime").InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    yield "onnxruntime", lambda images: session.run(None, {INPUT_NAME: images})
+
+
+def inference_rates(device: torch.device, profile: Profile) -> list[dict]:
+    """The whole prediction pipeline (resize, network, map, score, verdict) of uint8 images at
+    the model's size: batch-1 latency and batch-32 throughput, per model, size and runtime."""
+    rows = []
+    for name, size in ((name, size) for name in MODELS for size in profile.infer_sizes):
+        pipeline = inference_pipeline(name, size, device)
+        rng = np.random.default_rng(0)
+        one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        many = rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+        with tempfile.TemporaryDirectory() as folder:
+            for runtime, run in inference_runtimes(pipeline, device, profile, folder):
+                latency = median_seconds(partial(run, one), profile.infer_repeats, device)
+                batch = median_seconds(partial(run, many), profile.repeats, device)
+                rows.append(
+                    {
+                        "model": name,
+                        "size": size,
+                        "runtime": runtime,
+                        "latency_ms_batch1": 1000 * latency,
+                        "images_per_s_batch32": 32 / batch,
+                    }
+                )
     return rows
 
 
@@ -385,20 +419,26 @@ def metric_rates(device: torch.device, profile: Profile) -> list[dict]:
     return rows
 
 
-def run_bench(profile: Profile, device: torch.device) -> dict:
-    """Every section's figures, as written to bench.json."""
-    dense = dense_rates(device, profile)
-    return {
+SECTIONS = ("dense", "train", "corrupt", "loader", "infer", "metrics")
+
+
+def run_bench(profile: Profile, device: torch.device, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """The figures of `sections` (all by default), as written to bench.json."""
+    results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "dense": dense,
-        "train": training_rates(device, profile, dense["conv3x3_gflops"]),
-        "corrupt": corruption_rates(profile),
-        "loader": loader_rates(profile),
-        "infer": inference_rates(device, profile),
-        "metrics": metric_rates(device, profile),
     }
+    dense = dense_rates(device, profile) if {"dense", "train"} & set(sections) else {}
+    measures = {
+        "dense": lambda: dense,
+        "train": lambda: training_rates(device, profile, dense["conv3x3_gflops"]),
+        "corrupt": lambda: corruption_rates(profile),
+        "loader": lambda: loader_rates(profile),
+        "infer": lambda: inference_rates(device, profile),
+        "metrics": lambda: metric_rates(device, profile),
+    }
+    return results | {section: measures[section]() for section in SECTIONS if section in sections}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -422,12 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 2 min)")
     parser.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
     parser.add_argument("--output", default="bench.json", help="where to write the figures")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="measure these sections"
+    )
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile or ("quick" if args.quick else "full")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = run_bench(profile, device)
+    results = run_bench(profile, device, tuple(args.only))
     print(f"device {results['device']}, {results['threads']} threads, torch {results['torch']}")
-    for section in ("dense", "train", "corrupt", "loader", "infer", "metrics"):
+    for section in (section for section in SECTIONS if section in results):
         print(f"\n[{section}]\n{format_table(results[section])}")
     write_text(args.output, json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.output}")
