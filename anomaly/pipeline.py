@@ -14,15 +14,15 @@ from torch import Tensor, nn
 from anomaly.detector import AnomalyDetector
 
 
-def _common_factor(size_in: int, size_out: int) -> Tensor:
+def _common_factor(size_in: int, size_out: int, device: torch.device) -> Tensor:
     """gcd(size_in, size_out) as a tensor: the largest divisor of the fixed `size_out` that
     divides `size_in`, computed with tensor ops so an exported graph keeps `size_in` free."""
-    length = torch.full((), size_in)
+    length = torch.full((), size_in, device=device)
     divisors = [d for d in range(1, size_out + 1) if size_out % d == 0]
     return torch.stack([torch.where(length % d == 0, d, 1) for d in divisors]).amax(dim=0)
 
 
-def _area_weights(size_in: int, size_out: int) -> tuple[Tensor, Tensor]:
+def _area_weights(size_in: int, size_out: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """How much of each input pixel every output pixel covers, along one axis.
 
     With g = gcd(size_in, size_out), an input pixel is size_out / g units long and an output
@@ -32,11 +32,11 @@ def _area_weights(size_in: int, size_out: int) -> tuple[Tensor, Tensor]:
         float32 overlaps (size_out, size_in), whole numbers, each row summing to size_in / g;
         and the output pixel's length size_in / g (an int64 scalar).
     """
-    common = _common_factor(size_in, size_out)
-    input_pixel = torch.full((), size_out) // common
-    output_pixel = torch.full((), size_in) // common
-    outputs = torch.arange(size_out).unsqueeze(1)  # (size_out, 1)
-    inputs = torch.arange(size_in).unsqueeze(0)  # (1, size_in)
+    common = _common_factor(size_in, size_out, device)
+    input_pixel = torch.full((), size_out, device=device) // common
+    output_pixel = torch.full((), size_in, device=device) // common
+    outputs = torch.arange(size_out, device=device).unsqueeze(1)  # (size_out, 1)
+    inputs = torch.arange(size_in, device=device).unsqueeze(0)  # (1, size_in)
     start = torch.maximum(outputs * output_pixel, inputs * input_pixel)
     end = torch.minimum((outputs + 1) * output_pixel, (inputs + 1) * input_pixel)
     return (end - start).clamp(min=0).float(), output_pixel
@@ -58,15 +58,17 @@ def area_resize(images: Tensor, size: tuple[int, int]) -> Tensor:
         float32 (B, C, h, w) with integer values in [0, 255].
     """
     height, width = images.shape[1], images.shape[2]
-    rows, row_length = _area_weights(height, size[0])
-    columns, column_length = _area_weights(width, size[1])
+    rows, row_length = _area_weights(height, size[0], images.device)
+    columns, column_length = _area_weights(width, size[1], images.device)
     total = rows @ images.permute(0, 3, 1, 2).float() @ columns.T  # (B, C, h, w)
     # mean = total / area: the quotient, and the remainder that decides the rounding.
     area = (row_length * column_length).float()
     quotient = torch.floor(total / area)
     twice_remainder = 2 * (total - quotient * area)
     # A tensor condition, not a Python one: exported graphs keep H and W free.
-    halving = (torch.full((), height) == 2 * size[0]) & (torch.full((), width) == 2 * size[1])
+    halving = (torch.full((), height, device=images.device) == 2 * size[0]) & (
+        torch.full((), width, device=images.device) == 2 * size[1]
+    )
     halves_up = halving | (torch.remainder(quotient, 2) == 1)
     round_up = (twice_remainder > area) | ((twice_remainder == area) & halves_up)
     return quotient + round_up.float()
