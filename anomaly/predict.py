@@ -33,11 +33,12 @@ from tqdm import tqdm
 from anomaly.callbacks import verdict_name
 from anomaly.command_line import key_values, one_of
 from anomaly.data.images import IMAGE_SUFFIXES, read_rgb
-from anomaly.errors import AnomalyError, ConfigError, DatasetError, NonFiniteError
+from anomaly.errors import ConfigError, DatasetError, NonFiniteError
 from anomaly.export import INPUT_NAME, OUTPUT_NAMES, require
 from anomaly.files import atomic_path, write_text
 from anomaly.models.blocks import as_pair
 from anomaly.pipeline import ImagePipeline
+from anomaly.runtime import user_error_message
 from anomaly.tasks import load_detector
 from anomaly.visualization import colour_scale, save_prediction_overlay
 
@@ -69,9 +70,9 @@ def parse_settings(arguments: list[str]) -> Settings:
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size!r} is out of range: an int >= 1")
     device = one_of(values, "device", ("cpu", "cuda"), "cpu")
-    heatmaps = one_of(
-        {k: v.lower() for k, v in values.items()}, "heatmaps", ("true", "false"), "true"
-    )
+    heatmaps = values.get("heatmaps", "true").lower()
+    if heatmaps not in ("true", "false"):
+        raise ConfigError(f"heatmaps={values['heatmaps']!r} is out of range: true or false")
     return Settings(
         ckpt_path=values["ckpt_path"],
         input=values["input"],
@@ -102,6 +103,8 @@ class Model:
 
 def checkpoint_model(path: str, device: str) -> Model:
     """A train.py checkpoint's pipeline, run by PyTorch on `device`."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but PyTorch sees no CUDA device")
     detector, config = load_detector(path)
     if config["model"].get("channels_last", False):
         detector.net.to(memory_format=torch.channels_last)  # as training and eval ran it
@@ -260,8 +263,11 @@ def main(arguments: list[str] | None = None) -> int:
     """The command; returns the exit status (1 when an argument or some file was bad)."""
     try:
         failed = predict(parse_settings(sys.argv[1:] if arguments is None else arguments))
-    except AnomalyError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    except Exception as error:  # the user's errors in one line (files, settings, memory)
+        message = user_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 1 if failed else 0
 

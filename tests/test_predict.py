@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomaly.predict import main
@@ -99,6 +100,12 @@ def test_a_glob_and_a_single_file(trained, tmp_path):
         (["ckpt_path=a", "input=x", "output=y", "batch_size=0"], "batch_size='0'"),
         (["ckpt_path=a", "input=x", "output=y", "device=tpu"], "device='tpu'"),
         (["ckpt_path=/nowhere.ckpt", "input=x", "output=y"], "/nowhere.ckpt"),
+        (["ckpt_path=a", "input=x", "output=y", "heatmaps=maybe"], "heatmaps='maybe'"),
+        pytest.param(
+            ["ckpt_path=/nowhere.ckpt", "input=x", "output=y", "device=cuda"],
+            "device=cuda but PyTorch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
     ],
 )
 def test_bad_arguments_are_one_line(arguments, message, capsys):
