@@ -40,6 +40,7 @@ from anomaly.errors import AnomalyError, ConfigError
 from anomaly.files import atomic_path
 from anomaly.models.blocks import as_pair
 from anomaly.pipeline import ImagePipeline
+from anomaly.runtime import user_error_message
 from anomaly.tasks import load_detector
 
 USAGE = "usage: python -m anomaly.export ckpt_path=PATH output=FILE.onnx [format=onnx]"
@@ -81,9 +82,10 @@ def metadata(pipeline: ImagePipeline, model_name: str, checkpoint: str) -> dict[
 
 
 def check_batch(image_size: tuple[int, int]) -> torch.Tensor:
-    """uint8 images (2, H, W, 3) at an odd size above the model's, so the resize is exercised."""
+    """uint8 images (2, 3h/2, 5w/4, 3): larger than the model's size by other than whole factors,
+    so the resize is exercised, yet exactly (`area_resize`) for sides divisible by 4."""
     generator = torch.Generator().manual_seed(0)
-    shape = (2, image_size[0] + image_size[0] // 2 + 1, image_size[1] + 3, 3)
+    shape = (2, 3 * image_size[0] // 2, 5 * image_size[1] // 4, 3)
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
 
 
@@ -137,17 +139,26 @@ def export_onnx(
         # the user's business; the command prints its own summary.
         with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                pipeline,
-                (images,),
-                str(temporary),
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=shapes,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+            try:
+                torch.onnx.export(
+                    pipeline,
+                    (images,),
+                    str(temporary),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes=shapes,
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            except OSError:
+                raise
+            except Exception as error:  # the exporter raises many types, all meaning "cannot"
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise AnomalyError(
+                    f"{path}: torch.onnx.export cannot export this model "
+                    f"({type(error).__name__}: {reason}); not written"
+                ) from None
         model = onnx.load(str(temporary))
         onnx.helper.set_model_props(model, properties)
         model.doc_string = f"{INPUT_DOC}. {OUTPUTS_DOC}."
@@ -181,8 +192,11 @@ def main(arguments: list[str] | None = None) -> int:
         pipeline = ImagePipeline(detector, as_pair(config["data"]["image_size"]))
         properties = metadata(pipeline, config["model"]["name"], values["ckpt_path"])
         map_difference, score_difference = export_onnx(pipeline, output, properties)
-    except AnomalyError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    except Exception as error:  # the user's errors in one line (files, settings, memory)
+        message = user_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     threshold = float(detector.threshold)
     calibrated = f"threshold {threshold:.6g}" if math.isfinite(threshold) else "no threshold"

@@ -174,6 +174,21 @@ def test_a_graph_that_disagrees_with_pytorch_is_not_written(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_a_model_the_exporter_cannot_handle_is_one_line(exported, tmp_path, monkeypatch, capsys):
+    best, _, _ = exported
+
+    def refuse(*_, **__):
+        raise RuntimeError("Unsupported operator: aten::something\nwith a long trace")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    assert export.main([f"ckpt_path={best}", f"output={tmp_path / 'model.onnx'}"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert "model.onnx: torch.onnx.export cannot export this model" in errors[0]
+    assert "Unsupported operator: aten::something" in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
