@@ -10,7 +10,8 @@ present, else the CPU):
 - train: images/s of a full training step (forward, loss, backward, optimizer) per model, size
   and memory format (plus bf16 autocast on CUDA), FLOPs per image counted by
   `torch.utils.flop_counter`, the achieved rate as a fraction of the convolution rate, peak memory;
-- corrupt: training corruptions, images/s on one thread, per kind;
+- corrupt: training corruptions, images/s per kind: one image at a time (the loader's path) and
+  whole batches (`data.corruption.device=model`), on one CPU thread, and on the GPU when present;
 - loader: the DataModule's training loader, images/s with 0, 1 and 2 workers;
 - infer: batch-1 latency and batch-32 throughput of the whole prediction pipeline
   (`ImagePipeline`) at 128 and 256 px, through PyTorch and through onnxruntime (CPU);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -40,6 +42,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from anomaly.data.batch_corruptions import BatchCorruption, texture_bank
 from anomaly.data.corruptions import corrupt
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.textures import TextureSource
@@ -251,8 +254,18 @@ def corrupt_many(images, count: int, textures, probs: tuple[float, float], seed)
         corrupt(images[i % len(images)], rng, textures, *probs)
 
 
-def corruption_rates(profile: Profile) -> list[dict]:
-    """Per-sample corruptions on one thread, images/s per kind and size."""
+def corrupt_batches(batch: torch.Tensor, count: int, bank, probs: tuple[float, float]) -> None:
+    """`count` images corrupted a batch at a time (`count` a multiple of the batch size), as
+    the module's batch hook does."""
+    corruption = BatchCorruption(bank, 0, 1.0, *probs)
+    for i in range(count // len(batch)):
+        corruption(batch, torch.arange(len(batch)) + i * len(batch))
+
+
+def corruption_rates(device: torch.device, profile: Profile) -> list[dict]:
+    """Training corruptions, images/s per kind and size: one at a time (numpy/OpenCV, as the
+    loader workers run them) and in batches (`data.corruption.device=model`), on one CPU thread,
+    and on the GPU when there is one."""
     rows = []
     textures = TextureSource(None)
     threads = torch.get_num_threads()
@@ -261,19 +274,28 @@ def corruption_rates(profile: Profile) -> list[dict]:
         for size in profile.corrupt_sizes:
             rng = np.random.default_rng(0)
             images = [rng.random((size, size, 3), dtype=np.float32) for _ in range(8)]
+            count = profile.corrupt_images
+            batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+            batch = batch.repeat(math.ceil(profile.batch / len(images)), 1, 1, 1)[: profile.batch]
+            count = max(profile.batch, count // profile.batch * profile.batch)
+            bank = texture_bank(textures, size, seed=0)
+            devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
             for kind, probs in CORRUPTION_KINDS.items():
-                work = partial(
-                    corrupt_many, images, profile.corrupt_images, textures, probs, [size, len(kind)]
-                )
-                seconds = median_seconds(work, profile.repeats, torch.device("cpu"))
-                rows.append(
-                    {
-                        "path": "per_sample",
-                        "size": size,
-                        "kind": kind,
-                        "images_per_s_per_core": profile.corrupt_images / seconds,
-                    }
-                )
+                seed = [size, len(kind)]
+                paths = {
+                    ("per_sample", "cpu"): partial(
+                        corrupt_many, images, count, textures, probs, seed
+                    )
+                }
+                for target in devices:
+                    paths["batched", target.type] = partial(
+                        corrupt_batches, batch.to(target), count, bank.to(target), probs
+                    )
+                for (path, where), work in paths.items():
+                    seconds = median_seconds(work, profile.repeats, torch.device(where))
+                    # On the CPU one thread: images/s per core.
+                    row = {"path": path, "device": where, "size": size, "kind": kind}
+                    rows.append(row | {"images_per_s": count / seconds})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -433,7 +455,7 @@ def run_bench(profile: Profile, device: torch.device, sections: tuple[str, ...] 
     measures = {
         "dense": lambda: dense,
         "train": lambda: training_rates(device, profile, dense["conv3x3_gflops"]),
-        "corrupt": lambda: corruption_rates(profile),
+        "corrupt": lambda: corruption_rates(device, profile),
         "loader": lambda: loader_rates(profile),
         "infer": lambda: inference_rates(device, profile),
         "metrics": lambda: metric_rates(device, profile),

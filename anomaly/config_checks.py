@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from anomaly.data.datamodule import CORRUPTION_DEVICES
 from anomaly.detector import THRESHOLD_METHODS
 from anomaly.errors import ConfigError
 
@@ -61,6 +62,9 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     _check_fraction("data.val_fraction", data.val_fraction, low_open=True, high_open=True)
     for key, value in model.objective.corruption.items():
         _check_fraction(f"model.objective.corruption.{key}", value)
+    device = (data.get("corruption") or {}).get("device", "loader")
+    if device not in CORRUPTION_DEVICES:
+        _fail("data.corruption.device", device, " or ".join(CORRUPTION_DEVICES))
     for key, value in (data.get("augment") or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             _fail(f"data.augment.{key}", value, "an amount >= 0")

@@ -104,6 +104,11 @@ class AnomalyModule(LightningModule):
         self.test_results: dict = {}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Training corruptions that run on the device (`data.corruption.device=model`).
+        datamodule = None if self._trainer is None else self._trainer.datamodule
+        corrupt_on_device = getattr(datamodule, "corrupt_on_device", None)
+        if corrupt_on_device is not None:
+            batch = corrupt_on_device(batch)
         if self.channels_last:
             for key in ("input", "image"):
                 if key in batch:

@@ -24,6 +24,7 @@ def test_the_bench_writes_every_figure(tmp_path, capsys):
     }
     assert {"fp32", "fp32_channels_last"} <= {r["format"] for r in results["train"]}
     assert {r["kind"] for r in results["corrupt"]} == {"texture", "elastic", "both"}
+    assert {r["path"] for r in results["corrupt"]} == {"per_sample", "batched"}
     assert [r["workers"] for r in results["loader"]] == list(tiny.loader_workers)
     assert {r["model"] for r in results["infer"]} == set(MODELS)
     assert [r["size"] for r in results["metrics"]] == list(tiny.metric_sizes)

@@ -118,6 +118,7 @@ def test_groups_compose(model, trainer, logger):
         (["model.objective.corruption.texture_prob=-1"], "corruption.texture_prob=-1"),
         (["model.objective.corruption.prob=often"], "corruption.prob='often' is out of range"),
         (["model.objective.corruption.prob=nan"], "corruption.prob=nan is out of range"),
+        (["data.corruption.device=gpu"], "data.corruption.device='gpu' is out of range: loader"),
         (["data.augment.rotate=-5"], "data.augment.rotate=-5"),
         (["threshold.method=youden"], "threshold.method='youden' is out of range"),
         (["threshold.fpr=1.0"], "threshold.fpr=1.0 is out of range"),

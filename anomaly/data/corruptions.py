@@ -34,10 +34,10 @@ MAX_ASPECT = 12.0
 # An elastic warp counts as visible when >= 5% of its blob changes by > 25 grey levels; warps of
 # flat background would otherwise give invisible "defects" (on 128 px capsule images ~40% of
 # draws pass, so 6 tries fail ~4% of the time).
-_VISIBLE_CHANGE = 0.1
-_MIN_VISIBLE_FRACTION = 0.05
-_ELASTIC_TRIES = 6
-_CORRUPT_TRIES = 10
+VISIBLE_CHANGE = 0.1
+MIN_VISIBLE_FRACTION = 0.05
+ELASTIC_TRIES = 6
+CORRUPT_TRIES = 10
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -154,7 +154,7 @@ def _elastic(
     height, width = image.shape[:2]
     ys = np.arange(height, dtype=np.float32)[:, None]
     xs = np.arange(width, dtype=np.float32)[None, :]
-    for _ in range(_ELASTIC_TRIES):
+    for _ in range(ELASTIC_TRIES):
         region = blob_mask(rng, height, width, *area_range)
         radius = math.sqrt(region.sum() / math.pi)
 
@@ -170,8 +170,8 @@ def _elastic(
         candidate = cv2.remap(
             image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
         )
-        visible = _max_channel_change(image, candidate)[region] > _VISIBLE_CHANGE
-        if visible.mean() >= _MIN_VISIBLE_FRACTION:
+        visible = _max_channel_change(image, candidate)[region] > VISIBLE_CHANGE
+        if visible.mean() >= MIN_VISIBLE_FRACTION:
             break
     return _finalize(image, candidate, region)
 
@@ -208,7 +208,7 @@ def corrupt(
         return image.copy(), np.zeros(image.shape[:2], np.float32)
 
     area_range = AREA_RANGE
-    for _ in range(_CORRUPT_TRIES):
+    for _ in range(CORRUPT_TRIES):
         use_texture, use_elastic = False, False
         while not (use_texture or use_elastic):
             use_texture = rng.random() < texture_prob

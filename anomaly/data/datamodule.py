@@ -14,18 +14,23 @@ import numpy as np
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from anomaly.data.batch_corruptions import BatchCorruption, texture_bank
 from anomaly.data.mvtec import MVTecDataset, check_category, list_samples
 from anomaly.data.samplers import EpochSampler, ShardSampler
 from anomaly.data.splits import TrainDataset, ValidationDataset, build_augmentation
 from anomaly.data.synthetic import ensure_generated
 from anomaly.data.textures import TextureSource, check_textures
 from anomaly.errors import ConfigError, DatasetError
+from anomaly.models.blocks import as_pair
 
 log = logging.getLogger(__name__)
 
 
 # Held-out normal images at least: the per-pixel spread of their maps must be estimable.
 MIN_HELD_OUT = 3
+# Where training images are corrupted: one at a time in the loader workers, or as whole batches
+# on the device the model trains on (`corrupt_on_device`, called by the module's batch hook).
+CORRUPTION_DEVICES = ("loader", "model")
 
 
 def held_out_count(num_normals: int, val_fraction: float) -> int:
@@ -57,7 +62,9 @@ class AnomalyDataModule(LightningDataModule):
         dtd_root: DTD-layout texture folder for the corruptions; None for procedural textures.
         corruption: the model objective's corruption of training images (`model.objective`):
             `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
-            `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`).
+            `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`), and `device`:
+            "loader" corrupts each sample in the loader workers, "model" whole batches on the
+            training device (`anomaly.data.batch_corruptions`).
         augment: light augmentation of training images: `shift` (fraction of the size),
             `rotate` (degrees), `brightness` (brightness/contrast limit); zeros switch it off.
         synthetic: when set (a dict with `seed` and `size`), the built-in synthetic capsule set is
@@ -89,15 +96,18 @@ class AnomalyDataModule(LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed, self.val_fraction, self.dtd_root = seed, val_fraction, dtd_root
-        self.corruption = {
-            "prob": 0.0,
-            "texture_prob": 0.5,
-            "elastic_prob": 0.5,
-            **(corruption or {}),
-        }
-        for key, value in self.corruption.items():
+        corruption = {"prob": 0.0, "texture_prob": 0.5, "elastic_prob": 0.5, **(corruption or {})}
+        self.corruption_device = corruption.pop("device", "loader")
+        if self.corruption_device not in CORRUPTION_DEVICES:
+            raise ConfigError(
+                f"data.corruption.device must be one of {', '.join(CORRUPTION_DEVICES)}, "
+                f"got {self.corruption_device!r}"
+            )
+        for key, value in corruption.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"corruption {key} must be in [0, 1], got {value}")
+        self.corruption = corruption
+        self.batch_corruption: BatchCorruption | None = None
         self.augment = {"shift": 0.0, "rotate": 0.0, "brightness": 0.0, **(augment or {})}
         self.synthetic = synthetic
         self.train_set = self.val_set = self.test_set = None
@@ -148,13 +158,22 @@ class AnomalyDataModule(LightningDataModule):
             )
         val_records = [normals[i] for i in sorted(order[:num_val])]
         train_records = [normals[i] for i in sorted(order[num_val:])]
+        prob = float(self.corruption["prob"])
+        texture_prob = float(self.corruption["texture_prob"])
+        elastic_prob = float(self.corruption["elastic_prob"])
+        if self.corruption_device == "model" and prob > 0:
+            bank = texture_bank(textures, max(as_pair(self.image_size)), self.seed)
+            self.batch_corruption = BatchCorruption(
+                bank, self.seed, prob, texture_prob, elastic_prob
+            )
+            prob = 0.0  # the loader hands over clean images
         self.train_set = TrainDataset(
             MVTecDataset(train_records, self.image_size),
             self.seed,
             textures,
-            float(self.corruption["prob"]),
-            float(self.corruption["texture_prob"]),
-            float(self.corruption["elastic_prob"]),
+            prob,
+            texture_prob,
+            elastic_prob,
             build_augmentation(**self.augment),
         )
         self.val_set = ValidationDataset(
@@ -163,6 +182,22 @@ class AnomalyDataModule(LightningDataModule):
         self.test_set = MVTecDataset(
             list_samples(self.root, self.category, "test"), self.image_size
         )
+
+    def corrupt_on_device(self, batch: dict) -> dict:
+        """Corrupt a training batch where it lies (`data.corruption.device=model`); any other
+        batch, or any batch under `device=loader`, comes back as it is.
+
+        Args:
+            batch: a collated batch after its transfer to the training device; training batches
+                hold `image` (B, 3, H, W) and `draw` (B,).
+
+        Returns:
+            the batch, its `input` and `mask` replaced by the corrupted images and their masks.
+        """
+        if self.batch_corruption is None or "draw" not in batch:
+            return batch
+        batch["input"], batch["mask"] = self.batch_corruption(batch["image"], batch["draw"])
+        return batch
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -45,7 +45,8 @@ class TrainDataset(Dataset):
     """Normal training images, augmented and corrupted with randomness seeded per sample.
 
     Indexed by `epoch * len(images) + index` (see EpochSampler). A sample holds `input` (what the
-    network sees, corrupted or clean), `image` (the clean target) and `mask` (corrupted pixels).
+    network sees, corrupted or clean), `image` (the clean target), `mask` (corrupted pixels) and
+    `draw` (the index, which seeds corruptions applied later to the whole batch).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class TrainDataset(Dataset):
         record = self.images.records[index]
         sample = make_sample(clean, mask, 0, record.defect_type, str(record.path))
         sample["input"] = make_sample(corrupted, mask, 0, "", "")["image"]
+        sample["draw"] = encoded_index  # seeds the batch's corruptions on the device
         return sample
 
 
