@@ -1,5 +1,5 @@
-"""Callbacks: when to validate, the test outputs written to the run directory, and the config
-kept in checkpoints."""
+"""Callbacks: the learning rate over the run's budget, when to validate, the test outputs written
+to the run directory, and the config kept in checkpoints."""
 
 from __future__ import annotations
 
@@ -25,6 +25,66 @@ from anomaly.metrics import roc_curve
 from anomaly.visualization import colour_scale, heatmap_panel, save_roc_plot
 
 log = logging.getLogger(__name__)
+
+
+LR_SHAPES = ("cosine", "constant")
+
+
+def budget_progress(trainer: Trainer, batch_idx: int) -> float:
+    """How much of the run's budget is spent, in [0, 1]: the largest of the shares of
+    `trainer.max_epochs`, `trainer.max_steps` and `trainer.max_time` (elapsed training time,
+    validation included, as the Timer that stops the run counts it) that are set."""
+    shares = []
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        batches = max(1, trainer.num_training_batches)
+        shares.append((trainer.current_epoch + batch_idx / batches) / trainer.max_epochs)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        shares.append(trainer.global_step / trainer.max_steps)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = None if timer is None else timer.time_remaining("train")
+    if remaining is not None:
+        elapsed = timer.time_elapsed("train")
+        shares.append(elapsed / max(elapsed + remaining, 1e-9))
+    return min(1.0, max(shares, default=0.0))
+
+
+class BudgetSchedule(Callback):
+    """Sets the learning rate before every training batch from the share of the budget spent.
+
+    Whichever ends the run, the epochs or the clock (`trainer.max_time`), the rate follows it: a
+    run stopped by its time budget ends on annealed weights as an epoch-limited one does, and
+    resuming goes on from the saved progress. The rates the optimizer was built with are kept in
+    its param groups (`initial_lr`, saved in checkpoints) and scaled.
+
+    Args:
+        shape: "cosine": from the initial rate down to `final_share` of it, half a cosine over
+            the budget; "constant": the initial rate throughout.
+        final_share: where the cosine ends, a share of the initial rate in [0, 1].
+    """
+
+    def __init__(self, shape: str = "cosine", final_share: float = 0.0) -> None:
+        if shape not in LR_SHAPES:
+            raise ConfigError(f"model.lr_schedule.shape must be one of {LR_SHAPES}, got {shape!r}")
+        if not 0 <= final_share <= 1:
+            raise ConfigError(f"model.lr_schedule.final_share must be in [0, 1], got {final_share}")
+        self.shape, self.final_share = shape, final_share
+
+    def factor(self, progress: float) -> float:
+        """The rate as a share of the initial one after `progress` of the budget."""
+        if self.shape == "constant":
+            return 1.0
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_share + (1.0 - self.final_share) * cosine
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module, batch, batch_idx: int) -> None:
+        factor = self.factor(budget_progress(trainer, batch_idx))
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+        # Every rank computes the same rate (the Timer's stop is broadcast, the clocks are close).
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        pl_module.log("train/lr", lr, on_step=False, on_epoch=True, batch_size=1)
 
 
 class ValidationSchedule(Callback):

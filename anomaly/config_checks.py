@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from anomaly.callbacks import LR_SHAPES
 from anomaly.data.datamodule import CORRUPTION_DEVICES
 from anomaly.detector import THRESHOLD_METHODS
 from anomaly.errors import ConfigError
@@ -42,12 +43,6 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     epochs = trainer.max_epochs
     if trainer.get("max_time") is None or epochs not in (-1, None):
         _check_int("trainer.max_epochs", epochs, 1, "an epoch count >= 1 (or -1 with max_time)")
-    if model.scheduler is not None and (epochs is None or epochs < 1):
-        _fail(
-            "trainer.max_epochs",
-            epochs,
-            "model.scheduler anneals over it: >= 1, or set model.scheduler=null",
-        )
     _check_int("data.batch_size", data.batch_size, 1, "a batch size >= 1")
     if data.get("eval_batch_size") is not None:
         _check_int("data.eval_batch_size", data.eval_batch_size, 1, "a batch size >= 1 or null")
@@ -68,6 +63,10 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     for key, value in (data.get("augment") or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             _fail(f"data.augment.{key}", value, "an amount >= 0")
+    lr_schedule = model.get("lr_schedule") or {}
+    if lr_schedule.get("shape", "constant") not in LR_SHAPES:
+        _fail("model.lr_schedule.shape", lr_schedule.get("shape"), " or ".join(LR_SHAPES))
+    _check_fraction("model.lr_schedule.final_share", lr_schedule.get("final_share", 0.0))
     threshold = cfg.get("threshold") or {}
     if threshold.get("method", "f1_max") not in THRESHOLD_METHODS:
         _fail("threshold.method", threshold.get("method"), " or ".join(THRESHOLD_METHODS))

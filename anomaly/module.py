@@ -65,7 +65,6 @@ class AnomalyModule(LightningModule):
         detector: the pure torch detector; its network is what trains.
         loss: (prediction, target, mask) -> (total, terms).
         optimizer: partial optimizer, called with the parameters.
-        scheduler: optional partial LR scheduler, called with the optimizer; stepped every epoch.
         name: model name written to metrics.json.
         pixel_thresholds: None for exact pixel metrics; an int bins them for fixed memory.
         threshold: how the verdict threshold is calibrated on validation: `method` ("f1_max" or
@@ -80,7 +79,6 @@ class AnomalyModule(LightningModule):
         detector: AnomalyDetector,
         loss: ReconstructionLoss,
         optimizer: Callable,
-        scheduler: Callable | None = None,
         name: str = "model",
         pixel_thresholds: int | None = None,
         threshold: dict | None = None,
@@ -93,7 +91,7 @@ class AnomalyModule(LightningModule):
             # Kept through `.to(device)` and checkpoint loading (copies into these tensors).
             detector.net.to(memory_format=torch.channels_last)
         self.detector, self.loss = detector, loss
-        self.optimizer, self.scheduler, self.name = optimizer, scheduler, name
+        self.optimizer, self.name = optimizer, name
         max_score = detector.anomaly_map.max_value
         self.val_metrics = stage_metrics(pixel_thresholds, max_score, test=False)
         self.test_metrics = stage_metrics(pixel_thresholds, max_score, test=True)
@@ -150,7 +148,9 @@ class AnomalyModule(LightningModule):
         trainer = self._trainer
         if trainer is None or not trainer.optimizers:
             return "unknown"
-        return f"{trainer.optimizers[0].param_groups[0]['lr']:g}"
+        group = trainer.optimizers[0].param_groups[0]
+        # The configured rate (model.optimizer.lr), not where the schedule has taken it.
+        return f"{group.get('initial_lr', group['lr']):g}"
 
     def _check_scores(self, maps: Tensor, scores: Tensor, batch: dict) -> None:
         """Refuse NaN or infinite maps and scores: they would make every metric meaningless."""
@@ -254,10 +254,5 @@ class AnomalyModule(LightningModule):
         self.test_results = results
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(params=self.parameters())
-        if self.scheduler is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler(optimizer=optimizer), "interval": "epoch"},
-        }
+        # The learning rate over the run is `anomaly.callbacks.BudgetSchedule`'s.
+        return self.optimizer(params=self.parameters())

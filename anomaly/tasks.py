@@ -50,7 +50,6 @@ def build_module(model: DictConfig, threshold: DictConfig | None = None) -> Anom
         build_detector(model),
         ReconstructionLoss(**model.objective.loss),
         optimizer=instantiate(model.optimizer),
-        scheduler=instantiate(model.scheduler) if model.scheduler else None,
         name=model.name,
         pixel_thresholds=model.pixel_thresholds,
         # Checkpoints of runs before the setting existed trained without it.

@@ -36,17 +36,15 @@ def test_experiment_presets_build(experiment):
     assert datamodule.category == "capsule" and datamodule.image_size in (128, 256)
     assert model.name in experiment or experiment in ("capsule_cpu", "capsule_gpu")
     assert cfg.trainer.max_time is not None
-    # A run stopped by the clock has no known length: a schedule over max_epochs would barely
-    # decay, and selecting on the restoration loss would then favour copying networks.
-    assert cfg.model.scheduler is None
+    assert cfg.model.lr_schedule.shape == "constant"
     assert cfg.callbacks.model_checkpoint.monitor == "val/pixel_aupro"
 
 
 def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
     cfg = composed(["trainer.max_epochs=7"])
-    model = build_module(cfg.model)
-    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
-    assert model.name == "sdc_ccm" and scheduler.T_max == 7
+    schedule = instantiate(cfg.callbacks.lr_schedule)
+    assert cfg.model.name == "sdc_ccm"
+    assert (schedule.shape, schedule.final_share) == ("cosine", 0.0)
     assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (
         "val/loss",
         "min",
@@ -100,10 +98,8 @@ def test_groups_compose(model, trainer, logger):
         (["data=mvtec"], "data.root=None is out of range"),
         (["trainer.max_epochs=0"], "trainer.max_epochs=0 is out of range"),
         (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 is out of range"),
-        (
-            ["trainer.max_epochs=-1", "trainer.max_time=00:00:01:00"],
-            "model.scheduler anneals over it",
-        ),
+        (["model.lr_schedule.shape=linear"], "model.lr_schedule.shape='linear' is out of range"),
+        (["model.lr_schedule.final_share=2"], "model.lr_schedule.final_share=2 is out of range"),
         (["data.batch_size=0"], "data.batch_size=0 is out of range: a batch size >= 1"),
         (["data.eval_batch_size=-2"], "data.eval_batch_size=-2"),
         (["data.num_workers=-1"], "data.num_workers=-1"),
@@ -140,7 +136,6 @@ def test_the_defaults_and_a_time_budget_without_epoch_limit_pass_the_checks(mode
         [f"model={model}"],
         [
             f"model={model}",
-            "model.scheduler=null",
             "trainer.max_epochs=-1",
             "trainer.max_time=00:00:01:00",
         ],

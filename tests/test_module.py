@@ -20,16 +20,17 @@ from tests.test_metrics import brute_auroc, reference_aupro
 
 
 def quiet_trainer(**settings) -> Trainer:
-    """A CPU trainer without logger, checkpoints or progress bar; `settings` add to them."""
-    return Trainer(
+    """A CPU trainer without logger, checkpoints or progress bar; `settings` add to (or replace)
+    them."""
+    quiet = dict(
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        **settings,
     )
+    return Trainer(**(quiet | settings))
 
 
 def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree):
