@@ -34,21 +34,21 @@ def scaled(image: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(np.rint(image.astype(np.float64) * factor), 0, 255).astype(np.uint8)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     parser.add_argument("--test", required=True, help="a test folder: <defect>/<image>")
     parser.add_argument("--factors", nargs="+", type=float, default=[0.9, 1.0, 1.1])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
-        model = checkpoint_model(args.ckpt, "cpu")
         files = input_files(args.test)
+        labels = np.array([int(path.parent.name != "good") for path in files])
+        if labels.all() or not labels.any():
+            sys.exit(f"error: {args.test}: needs normal images (in good/) and defective ones")
+        model = checkpoint_model(args.ckpt, "cpu")
         images = [read_rgb(path) for path in files]
     except AnomalyError as error:
         sys.exit(f"error: {error}")
-    labels = np.array([int(path.parent.name != "good") for path in files])
-    if labels.all() or not labels.any():
-        sys.exit(f"error: {args.test}: needs normal images (in good/) and defective ones")
     for factor in args.factors:
         rows = score_images(model, [scaled(image, factor) for image in images])
         scores = np.array([float(row[1]) for row in rows])

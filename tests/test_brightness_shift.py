@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
+import pytest
 
-from benchmarks.brightness_shift import scaled
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "brightness_shift.py"
+from benchmarks.brightness_shift import main, scaled
 
 
-def run_script(*arguments: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(SCRIPT), *arguments]
-    return subprocess.run(command, capture_output=True, text=True, check=False)
-
-
-def test_the_unshifted_row_matches_the_runs_scores_and_a_shift_moves_them(trained):
+def test_the_unshifted_row_matches_the_runs_scores_and_a_shift_moves_them(trained, capsys):
     run_dir, best, data = trained
-    done = run_script("--ckpt", str(best), "--test", str(data / "test"), "--factors", "1", "0.5")
-    assert done.returncode == 0, done.stderr[-2000:]
-    unshifted, darker = (json.loads(line) for line in done.stdout.splitlines())
+    assert main(["--ckpt", str(best), "--test", str(data / "test"), "--factors", "1", "0.5"]) == 0
+    unshifted, darker = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     with open(run_dir / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     scores = np.array([float(row["score"]) for row in rows])
@@ -50,13 +39,10 @@ def test_levels_are_scaled_rounded_and_clipped():
 def test_bad_inputs_are_one_line_errors(trained, tmp_path):
     _, best, data = trained
     missing = tmp_path / "none.ckpt"
-    done = run_script("--ckpt", str(missing), "--test", str(data / "test"))
-    assert (
-        done.returncode == 1
-        and done.stderr.strip() == f"error: {missing}: checkpoint file does not exist"
-    )
-    done = run_script("--ckpt", str(best), "--test", str(data / "test" / "good"))
-    assert (
-        done.returncode == 1 and "needs normal images (in good/) and defective ones" in done.stderr
-    )
-    assert len(done.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt", str(missing), "--test", str(data / "test")])
+    assert stop.value.code == f"error: {missing}: checkpoint file does not exist"
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt", str(best), "--test", str(data / "test" / "good")])
+    assert "needs normal images (in good/) and defective ones" in stop.value.code
+    assert len(stop.value.code.splitlines()) == 1
