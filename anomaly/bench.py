@@ -274,10 +274,10 @@ def corruption_rates(device: torch.device, profile: Profile) -> list[dict]:
         for size in profile.corrupt_sizes:
             rng = np.random.default_rng(0)
             images = [rng.random((size, size, 3), dtype=np.float32) for _ in range(8)]
-            count = profile.corrupt_images
+            # Whole batches: the per-sample path corrupts as many images.
+            count = max(profile.batch, profile.corrupt_images // profile.batch * profile.batch)
             batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
             batch = batch.repeat(math.ceil(profile.batch / len(images)), 1, 1, 1)[: profile.batch]
-            count = max(profile.batch, count // profile.batch * profile.batch)
             bank = texture_bank(textures, size, seed=0)
             devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
             for kind, probs in CORRUPTION_KINDS.items():
