@@ -16,11 +16,14 @@ from torchmetrics.utilities import dim_zero_cat
 
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.errors import ConfigError
+from anomaly.metrics.functional import auroc
 
 # The smallest spread of a standardized score: maps are errors of images in [0, 1].
 MIN_SPREAD = 1e-6
 # How the verdict threshold is chosen on validation scores (`calibrate_threshold`).
 THRESHOLD_METHODS = ("f1_max", "fpr")
+# `score.standardize`: always, never, or where it ranks validation anomalies better.
+STANDARDIZE_CHOICES = (True, False, "auto")
 
 
 def calibrate_threshold(
@@ -69,14 +72,16 @@ class AnomalyDetector(nn.Module):
     score = max of the map, or the mean of its `top_k` largest pixels. With `standardize`, the
     score is taken from the map standardized per pixel by the mean and spread of the maps of
     held-out normal images (`set_normal_statistics`, fitted during validation), so places that
-    are always hard to reconstruct (edges, prints) stop dominating the image score. The returned
-    map stays the raw one.
+    are always hard to reconstruct (edges, prints) stop dominating the image score. That assumes
+    aligned objects: where they lie at random positions, "auto" lets every validation decide
+    (`choose_standardization`). The returned map stays the raw one.
 
     Args:
         net: (B, 3, H, W) in [0, 1] -> reconstruction (B, 3, H, W).
         anomaly_map: (image, reconstruction) -> map (B, H, W).
         top_k: image score = mean of the top-k map pixels instead of the maximum.
-        standardize: score the standardized map once normal statistics are set.
+        standardize: True: score the standardized map once normal statistics are set; False:
+            the raw map; "auto": whichever `choose_standardization` picked last (raw until then).
     """
 
     def __init__(
@@ -84,16 +89,22 @@ class AnomalyDetector(nn.Module):
         net: nn.Module,
         anomaly_map: AnomalyMap,
         top_k: int | None = None,
-        standardize: bool = False,
+        standardize: bool | str = False,
     ) -> None:
         super().__init__()
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be a positive number of pixels, got {top_k}")
+        if standardize not in STANDARDIZE_CHOICES:
+            raise ConfigError(f"score.standardize must be true, false or auto, got {standardize!r}")
         self.net, self.anomaly_map = net, anomaly_map
         self.top_k, self.standardize = top_k, standardize
         # Per-pixel statistics of normal maps (H, W); empty until set. Saved with the weights.
         self.register_buffer("normal_mean", torch.empty(0))
         self.register_buffer("normal_std", torch.empty(0))
+        # Whether scores use the standardized map (with "auto": the last validation's choice),
+        # saved as a buffer and mirrored as a Python bool, so tracing for export sees a constant.
+        self.register_buffer("standardized", torch.tensor(standardize is True))
+        self._standardized = standardize is True
         # The verdict threshold and the median normal score (validation); nan until calibrated.
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("normal_median", torch.tensor(math.nan, dtype=torch.float64))
@@ -102,9 +113,36 @@ class AnomalyDetector(nn.Module):
     def has_normal_statistics(self) -> bool:
         return self.normal_mean.numel() > 0
 
+    @property
+    def scores_standardized(self) -> bool:
+        """Whether `score` standardizes the maps."""
+        return self._standardized and self.has_normal_statistics
+
     def set_normal_statistics(self, mean: Tensor, std: Tensor) -> None:
         """Store the per-pixel mean and spread (H, W) of normal maps (`NormalMapStatistics`)."""
         self.normal_mean, self.normal_std = mean, std
+
+    def choose_standardization(self, maps: Tensor, labels: Tensor) -> bool:
+        """With standardize "auto": score standardized maps from now on if that ranks these
+        validation maps (N, H, W) better (image AUROC, labels (N,) with 1 = anomalous) than the
+        raw ones. Cross-fitted: each half of the maps (alternate positions) is standardized by
+        the other half's normals, so no normal map lowers its own score. Raw without a class or
+        with fewer than 2 normals in a half. Returns whether scores are standardized."""
+        if self.standardize == "auto":
+            normal = labels == 0
+            half = torch.arange(len(maps), device=maps.device) % 2
+            fits = [normal & (half != h) for h in (0, 1)]
+            helps = False
+            if bool(normal.any()) and bool((~normal).any()) and all(f.sum() >= 2 for f in fits):
+                standardized = torch.empty(len(maps), dtype=torch.float64, device=maps.device)
+                for h, fit in enumerate(fits):
+                    mean, std = map_statistics(*map_sums(maps[fit]))
+                    held = half == h
+                    standardized[held] = self._reduce((maps[held] - mean) / std).double()
+                helps = bool(auroc(standardized, labels) > auroc(self._reduce(maps), labels))
+            self.standardized.fill_(helps)
+            self._standardized = helps
+        return self.scores_standardized
 
     @property
     def has_threshold(self) -> bool:
@@ -134,21 +172,28 @@ class AnomalyDetector(nn.Module):
         for name in ("normal_mean", "normal_std"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        # Checkpoints from before the choice existed standardized as their config said.
+        state_dict.setdefault(prefix + "standardized", torch.tensor(self.standardize is True))
         # Checkpoints from before calibration existed have no threshold: it stays unset.
         for name in ("threshold", "normal_median"):
             state_dict.setdefault(prefix + name, torch.tensor(math.nan, dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._standardized = bool(self.standardized)
 
     def score(self, maps: Tensor) -> Tensor:
         """Image scores (B,) of anomaly maps (B, H, W)."""
-        flat = maps.flatten(1)
-        if self.standardize and self.has_normal_statistics:
+        if self.scores_standardized:
             if self.normal_mean.shape != maps.shape[1:]:
                 raise ConfigError(
                     f"normal statistics were fitted at {tuple(self.normal_mean.shape)} pixels but "
                     f"the maps are {tuple(maps.shape[1:])}; use the training image size"
                 )
-            flat = ((maps - self.normal_mean) / self.normal_std).flatten(1)
+            maps = (maps - self.normal_mean) / self.normal_std
+        return self._reduce(maps)
+
+    def _reduce(self, maps: Tensor) -> Tensor:
+        """(B,) the maximum, or the top-k mean, of each map (B, H, W)."""
+        flat = maps.flatten(1)
         if self.top_k is None:
             return flat.amax(dim=1)
         return flat.topk(min(self.top_k, flat.shape[1]), dim=1).values.mean(dim=1)
@@ -187,27 +232,38 @@ class NormalMapStatistics(Metric):
 
     def update(self, maps: Tensor) -> None:
         """Adds normal anomaly maps (N, H, W)."""
-        maps = maps.detach().double()
-        self.count = self.count + len(maps)
-        self.total = self.total + maps.sum(0)
-        self.total_sq = self.total_sq + maps.pow(2).sum(0)
+        count, total, total_sq = map_sums(maps)
+        self.count = self.count + count.to(self.count.device)
+        self.total = self.total + total
+        self.total_sq = self.total_sq + total_sq
 
     def compute(self) -> tuple[Tensor, Tensor]:
-        """The per-pixel mean (H, W) and spread (H, W), float32.
+        """The per-pixel mean (H, W) and spread (H, W) of the maps added (`map_statistics`)."""
+        return map_statistics(self.count, self.total, self.total_sq)
 
-        The spread is the standard deviation plus its own average (at least `MIN_SPREAD`), so
-        nearly constant pixels cannot blow up a standardized score and it is never zero.
 
-        Raises:
-            ValueError: fewer than 2 maps were added.
-        """
-        if self.count < 2:
-            raise ValueError(f"the spread needs at least 2 normal maps, got {int(self.count)}")
-        mean = self.total / self.count
-        std = (self.total_sq / self.count - mean**2).clamp(min=0).sqrt()
-        # Every map alike (std 0 everywhere) still gives a finite, positive floor.
-        floor = std.mean().clamp(min=MIN_SPREAD)
-        return mean.float(), (std + floor).float()
+def map_sums(maps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The count, per-pixel sum and sum of squares (float64) of maps (N, H, W)."""
+    maps = maps.detach().double()
+    return torch.tensor(float(len(maps)), dtype=torch.float64), maps.sum(0), maps.pow(2).sum(0)
+
+
+def map_statistics(count: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-pixel mean (H, W) and spread (H, W), float32, of maps with these sums.
+
+    The spread is the standard deviation plus its own average (at least `MIN_SPREAD`), so
+    nearly constant pixels cannot blow up a standardized score and it is never zero.
+
+    Raises:
+        ValueError: fewer than 2 maps.
+    """
+    if count < 2:
+        raise ValueError(f"the spread needs at least 2 normal maps, got {int(count)}")
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp(min=0).sqrt()
+    # Every map alike (std 0 everywhere) still gives a finite, positive floor.
+    floor = std.mean().clamp(min=MIN_SPREAD)
+    return mean.float(), (std + floor).float()
 
 
 class ValidationMaps(Metric):

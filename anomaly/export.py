@@ -92,7 +92,7 @@ def check_batch(image_size: tuple[int, int]) -> torch.Tensor:
 def score_tolerance(detector: AnomalyDetector) -> float:
     """How far the scores of two runtimes may lie apart when their maps lie PARITY_TOLERANCE
     apart: a standardized score divides the map by the normal spread, so by its smallest value."""
-    if detector.standardize and detector.has_normal_statistics:
+    if detector.scores_standardized:
         return PARITY_TOLERANCE / float(detector.normal_std.min())
     return PARITY_TOLERANCE
 

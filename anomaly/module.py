@@ -205,8 +205,11 @@ class AnomalyModule(LightningModule):
             self._calibrate_threshold()
 
     def _calibrate_threshold(self) -> None:
-        """The verdict threshold on this validation's maps, scored with the new statistics."""
+        """Whether scores standardize the maps, then the verdict threshold, both on this
+        validation's maps scored with the new statistics."""
         maps, labels = self.validation_maps.compute()
+        standardized = self.detector.choose_standardization(maps, labels)
+        self.log("val/standardized", float(standardized))
         scores = self.detector.score(maps)
         threshold = calibrate_threshold(scores, labels, **self.threshold)
         self.detector.set_threshold(threshold, float(scores[labels == 0].median()))

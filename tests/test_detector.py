@@ -126,3 +126,84 @@ def test_normal_statistics_are_finite_for_identical_maps_and_refuse_a_single_map
     statistics.update(torch.rand(1, 8, 8))
     with pytest.raises(ValueError, match="at least 2 normal maps, got 1"):
         statistics.compute()
+
+
+def test_sigma_none_follows_the_shorter_side_of_the_image():
+    torch.manual_seed(0)
+    for shape, sigma in (((64, 64), 1.0), ((128, 96), 1.5), ((256, 256), 4.0)):
+        image = torch.rand(2, 3, *shape)
+        reconstruction = image + 0.1 * torch.randn_like(image)
+        following = AnomalyMap(sigma=None, l2=1.0)(image, reconstruction)
+        fixed = AnomalyMap(sigma=sigma, l2=1.0)(image, reconstruction)
+        assert torch.allclose(following, fixed, atol=1e-7), shape
+        assert AnomalyMap(sigma=None).sigma_for(*shape) == sigma
+
+
+def auto_detector(standardize="auto") -> AnomalyDetector:
+    return AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), standardize=standardize)
+
+
+def aligned_maps(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps whose left column is always bright and noisy (an edge hard to reconstruct) and
+    anomalies that are a fainter spot in the quiet centre: only per-pixel statistics find them."""
+    maps = 0.02 * torch.rand(40, 8, 8, generator=generator)
+    maps[:, :, 0] += 0.5 + 0.3 * torch.rand(40, 8, generator=generator)
+    labels = (torch.arange(40) >= 24).long()
+    maps[labels == 1, 4, 4] += 0.3
+    return maps, labels
+
+
+def test_auto_standardizes_where_per_pixel_statistics_rank_the_anomalies_better():
+    maps, labels = aligned_maps(torch.Generator().manual_seed(0))
+    detector = auto_detector()
+    detector.set_normal_statistics(torch.zeros(8, 8), torch.ones(8, 8))
+    assert not detector.scores_standardized
+    assert detector.choose_standardization(maps, labels) is True
+    assert detector.scores_standardized and bool(detector.standardized)
+
+
+def test_auto_keeps_the_raw_map_for_unaligned_objects():
+    # One bright pixel per map at a random place; anomalies are brighter. The raw maximum ranks
+    # them perfectly, statistics of other maps' random places cannot do better.
+    generator = torch.Generator().manual_seed(0)
+    maps = 0.01 * torch.rand(40, 8, 8, generator=generator)
+    labels = (torch.arange(40) % 3 == 0).long()
+    places = torch.randint(0, 64, (40,), generator=generator)
+    maps.view(40, -1)[torch.arange(40), places] = torch.where(labels == 1, 0.9, 0.5)
+    detector = auto_detector()
+    detector.set_normal_statistics(torch.zeros(8, 8), torch.ones(8, 8))
+    assert detector.choose_standardization(maps, labels) is False
+    assert not detector.scores_standardized
+    assert torch.equal(detector.score(maps), maps.flatten(1).amax(1))
+
+
+def test_the_choice_is_fixed_unless_auto_and_travels_in_the_state_dict():
+    maps, labels = aligned_maps(torch.Generator().manual_seed(1))
+    for fixed in (True, False):
+        detector = auto_detector(fixed)
+        detector.set_normal_statistics(torch.zeros(8, 8), torch.ones(8, 8))
+        assert detector.choose_standardization(maps, labels) is fixed
+    chosen = auto_detector()
+    chosen.set_normal_statistics(torch.zeros(8, 8), torch.ones(8, 8))
+    chosen.choose_standardization(maps, labels)
+    loaded = auto_detector()
+    loaded.load_state_dict(chosen.state_dict())
+    assert loaded.scores_standardized
+    # A checkpoint from before the choice existed standardizes as its config says.
+    old = {k: v for k, v in chosen.state_dict().items() if k != "standardized"}
+    for fixed in (True, False):
+        detector = auto_detector(fixed)
+        detector.load_state_dict(old)
+        assert detector.scores_standardized is fixed
+    with pytest.raises(ConfigError, match="true, false or auto"):
+        auto_detector("sometimes")
+
+
+def test_auto_stays_raw_with_too_few_normals_or_one_class():
+    maps, labels = aligned_maps(torch.Generator().manual_seed(2))
+    detector = auto_detector()
+    detector.set_normal_statistics(torch.zeros(8, 8), torch.ones(8, 8))
+    assert detector.choose_standardization(maps[:3], torch.zeros(3, dtype=torch.long)) is False
+    assert detector.choose_standardization(maps[labels == 0], labels[labels == 0]) is False
+    few = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert detector.choose_standardization(maps[18:24], few) is False
