@@ -111,3 +111,30 @@ def test_a_malformed_metrics_file_is_one_line_naming_it(tmp_path, content, messa
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert re.search(f"run/metrics.json: {message}", done.stderr), done.stderr
     assert not (tmp_path / "report.md").exists()
+
+
+def test_side_by_side_runs_every_row_into_its_folder_then_one_report(tmp_path):
+    from tests.test_train import ROOT, tiny_settings
+
+    def row(seed: int) -> str:
+        # Each its own data folder: two runs must not generate the built-in set into one.
+        settings = tiny_settings(tmp_path / f"data_{seed}", None, {"trainer.max_epochs": 1})
+        return " ".join([f"seed_{seed}", *settings, f"seed={seed}"])
+
+    out = tmp_path / "runs"
+    rows = [row(0), row(1)]
+    script = ROOT / "benchmarks" / "side_by_side.sh"
+    done = subprocess.run(
+        ["bash", str(script), str(out), "2", *rows],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(done.stdout.split("\n")[:2]) == ["done: seed_0", "done: seed_1"]
+    table = (out / "report.md").read_text()
+    for seed in (0, 1):
+        metrics = json.loads((out / f"seed_{seed}" / "metrics.json").read_text())
+        line = next(row for row in table.splitlines() if row.startswith(f"| seed_{seed} |"))
+        assert f"{metrics['image_auroc']:.4f}" in line
