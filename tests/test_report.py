@@ -114,6 +114,7 @@ def test_a_malformed_metrics_file_is_one_line_naming_it(tmp_path, content, messa
 
 
 def test_side_by_side_runs_every_row_into_its_folder_then_one_report(tmp_path):
+    # A row that fails (a bad setting) is named; the others still make the report.
     from tests.test_train import ROOT, tiny_settings
 
     def row(seed: int) -> str:
@@ -122,7 +123,7 @@ def test_side_by_side_runs_every_row_into_its_folder_then_one_report(tmp_path):
         return " ".join([f"seed_{seed}", *settings, f"seed={seed}"])
 
     out = tmp_path / "runs"
-    rows = [row(0), row(1)]
+    rows = [row(0), row(1), "broken model.score.top_k=0"]
     script = ROOT / "benchmarks" / "side_by_side.sh"
     done = subprocess.run(
         ["bash", str(script), str(out), "2", *rows],
@@ -131,8 +132,9 @@ def test_side_by_side_runs_every_row_into_its_folder_then_one_report(tmp_path):
         text=True,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 1, done.stderr[-2000:]
     assert sorted(done.stdout.split("\n")[:2]) == ["done: seed_0", "done: seed_1"]
+    assert f"failed: broken (see {out}/broken.log)" in done.stderr
     table = (out / "report.md").read_text()
     for seed in (0, 1):
         metrics = json.loads((out / f"seed_{seed}" / "metrics.json").read_text())
