@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     for needed in (log, folder):
         if not needed.exists():
             sys.exit(f"error: {needed}: not found; is {args.run} a train.py run folder?")
-    history = validation_history(log)
+    try:
+        history = validation_history(log)
+    except (KeyError, ValueError) as error:
+        sys.exit(f"error: {log}: not a train.py CSV log ({type(error).__name__}: {error})")
     checkpoints = {e: p for e, p in epoch_checkpoints(folder).items() if e in history}
     if len(checkpoints) < 3:
         sys.exit(

@@ -54,3 +54,14 @@ def test_a_run_without_epoch_checkpoints_is_a_one_line_error(tmp_path):
         main(["--run", str(tmp_path)])
     log = tmp_path / "csv" / "metrics.csv"
     assert stop.value.code == f"error: {log}: not found; is {tmp_path} a train.py run folder?"
+
+
+def test_a_malformed_log_is_a_one_line_error_naming_it(tmp_path):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    log = tmp_path / "csv" / "metrics.csv"
+    log.write_text("epoch,val/loss\nfirst,0.5\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--run", str(tmp_path)])
+    assert stop.value.code.startswith(f"error: {log}: not a train.py CSV log (ValueError")
+    assert len(stop.value.code.splitlines()) == 1
