@@ -37,6 +37,8 @@ class AnomalyMap(WeightedErrorTerms):
         self.sigma = sigma
         kernel = gaussian_kernel1d(sigma) if sigma else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
+        # sigma None: kernels by map size and device (`_kernel_for`).
+        self._kernels: dict[tuple, Tensor] = {}
 
     def sigma_for(self, height: int, width: int) -> float:
         """The smoothing in pixels of (height, width) maps."""
@@ -62,8 +64,15 @@ class AnomalyMap(WeightedErrorTerms):
         for _, weight, err in self.error_maps(reconstruction, image):
             maps = maps + weight * err
         if self.sigma is None:
-            kernel = gaussian_kernel1d(self.sigma_for(*maps.shape[1:])).to(maps.device)
-            maps = gaussian_filter(maps.unsqueeze(1), kernel).squeeze(1)
+            maps = gaussian_filter(maps.unsqueeze(1), self._kernel_for(maps)).squeeze(1)
         elif self.sigma > 0:
             maps = gaussian_filter(maps.unsqueeze(1), self.kernel).squeeze(1)
         return maps
+
+    def _kernel_for(self, maps: Tensor) -> Tensor:
+        """The kernel of sigma None for maps (B, H, W), made once per size and device (a copy to
+        the GPU on every batch would make the host wait)."""
+        key = (*maps.shape[1:], maps.device)
+        if key not in self._kernels:
+            self._kernels[key] = gaussian_kernel1d(self.sigma_for(*maps.shape[1:])).to(maps.device)
+        return self._kernels[key]
