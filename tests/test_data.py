@@ -17,7 +17,7 @@ from anomaly.data.images import load_image, load_mask
 from anomaly.data.mvtec import MVTecDataset, check_category, list_samples
 from anomaly.data.samplers import EpochSampler, ShardSampler
 from anomaly.data.textures import TextureSource, check_textures
-from anomaly.errors import DatasetError
+from anomaly.errors import ConfigError, DatasetError
 from tests.conftest import SHARED_DTD, SHARED_MVTEC, make_datamodule, write_tree
 
 
@@ -130,19 +130,29 @@ def test_shard_sampler_covers_each_index_exactly_once():
 
 
 def test_datamodule_splits_are_disjoint_and_val_has_both_classes(tiny_tree):
-    datamodule = make_datamodule(tiny_tree)
+    datamodule = make_datamodule(tiny_tree, val_corrupted_copies=2)
     train_paths = {str(r.path) for r in datamodule.train_set.images.records}
     val_paths = {str(r.path) for r in datamodule.val_set.images.records}
     test_paths = {str(r.path) for r in datamodule.test_set.records}
     assert len(train_paths) == 9 and len(val_paths) == 3
     assert not train_paths & val_paths and not (train_paths | val_paths) & test_paths
     val = [datamodule.val_set[i] for i in range(len(datamodule.val_set))]
-    assert sorted(s["label"] for s in val) == [0, 0, 0, 1, 1, 1]
+    assert sorted(s["label"] for s in val) == [0] * 3 + [1] * 6
     for sample in val:
         assert (sample["mask"].sum() > 0) == (sample["label"] == 1)
+    # Each normal's copies are different corruptions of the same image.
+    first = [s["mask"] for s in val if s["path"].startswith(val[0]["path"] + "#")]
+    assert len(first) == 2 and not torch.equal(first[0], first[1])
     # Fixed: a second DataModule with the same seed builds the same validation set.
-    again = make_datamodule(tiny_tree).val_set
+    again = make_datamodule(tiny_tree, val_corrupted_copies=2).val_set
     assert all(torch.equal(val[i]["image"], again[i]["image"]) for i in range(len(val)))
+
+
+@pytest.mark.parametrize("setting", [{"val_fraction": 1.0}, {"val_corrupted_copies": 0}])
+def test_datamodule_refuses_an_empty_validation_setting(tiny_tree, setting):
+    (key,) = setting
+    with pytest.raises(ConfigError, match=f"data.{key} must"):
+        make_datamodule(tiny_tree, **setting)
 
 
 def test_training_samples_are_corrupted_reproducibly(tiny_tree):

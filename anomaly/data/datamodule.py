@@ -59,6 +59,9 @@ class AnomalyDataModule(LightningDataModule):
         num_workers, persistent_workers, pin_memory: DataLoader settings.
         seed: seeds the held-out split, the validation corruptions and per-sample randomness.
         val_fraction: fraction of the normal train images held out for validation.
+        val_corrupted_copies: synthetic anomalies per held-out normal image (fixed, seeded
+            corrupted copies): validation's image AUROC and the choices made on it (checkpoint,
+            standardized score, threshold) rest on this many times the held-out normals.
         dtd_root: DTD-layout texture folder for the corruptions; None for procedural textures.
         corruption: the model objective's corruption of training images (`model.objective`):
             `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
@@ -83,6 +86,7 @@ class AnomalyDataModule(LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         val_fraction: float = 0.1,
+        val_corrupted_copies: int = 1,
         dtd_root: str | None = None,
         corruption: dict | None = None,
         augment: dict | None = None,
@@ -91,11 +95,16 @@ class AnomalyDataModule(LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if val_corrupted_copies < 1:
+            raise ConfigError(
+                f"data.val_corrupted_copies must be at least 1, got {val_corrupted_copies}"
+            )
         self.root, self.category, self.image_size = root, category, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed, self.val_fraction, self.dtd_root = seed, val_fraction, dtd_root
+        self.val_corrupted_copies = val_corrupted_copies
         corruption = {"prob": 0.0, "texture_prob": 0.5, "elastic_prob": 0.5, **(corruption or {})}
         self.corruption_device = corruption.pop("device", "loader")
         if self.corruption_device not in CORRUPTION_DEVICES:
@@ -177,7 +186,10 @@ class AnomalyDataModule(LightningDataModule):
             build_augmentation(**self.augment),
         )
         self.val_set = ValidationDataset(
-            MVTecDataset(val_records, self.image_size), self.seed, textures
+            MVTecDataset(val_records, self.image_size),
+            self.seed,
+            textures,
+            self.val_corrupted_copies,
         )
         self.test_set = MVTecDataset(
             list_samples(self.root, self.category, "test"), self.image_size

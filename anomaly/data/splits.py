@@ -2,7 +2,7 @@
 
 train: normal images, lightly augmented and, for the restoration objective, corrupted on the fly
        with randomness seeded per (seed, epoch, sample).
-val:   the held-out normal images plus one fixed, seeded corrupted copy of each, with masks, so
+val:   the held-out normal images plus fixed, seeded corrupted copies of each, with masks, so
        validation metrics exist without touching the test split.
 """
 
@@ -87,23 +87,31 @@ class TrainDataset(Dataset):
 
 
 class ValidationDataset(Dataset):
-    """Held-out normal images followed by one fixed, seeded corrupted copy of each."""
+    """Held-out normal images followed by `copies` fixed, seeded corrupted copies of each.
 
-    def __init__(self, images: MVTecDataset, seed: int, textures: TextureSource | None) -> None:
-        self.images = images
+    Several copies per normal: a category holds out only a few dozen normal images, and one
+    anomaly each makes validation's image AUROC (and what is decided on it) a noisy estimate.
+    """
+
+    def __init__(
+        self, images: MVTecDataset, seed: int, textures: TextureSource | None, copies: int = 1
+    ) -> None:
+        self.images, self.copies = images, copies
         self.corrupted = []
         for index in range(len(images)):
             clean = images.arrays(index)[0].astype(np.float32) / 255.0
-            rng = np.random.default_rng([seed, VAL_STREAM, index])
-            self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5))
+            for copy in range(copies):
+                rng = np.random.default_rng([seed, VAL_STREAM, index, copy])
+                self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5))
 
     def __len__(self) -> int:
-        return 2 * len(self.images)
+        return (1 + self.copies) * len(self.images)
 
     def __getitem__(self, index: int) -> dict:
         if index < len(self.images):
             return self.images[index]
         index -= len(self.images)
         image, mask = self.corrupted[index]
-        path = str(self.images.records[index].path)
-        return make_sample(image, mask, 1, "synthetic", f"{path}#corrupted")
+        normal, copy = divmod(index, self.copies)
+        path = str(self.images.records[normal].path)
+        return make_sample(image, mask, 1, "synthetic", f"{path}#corrupted{copy}")
