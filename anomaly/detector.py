@@ -122,24 +122,33 @@ class AnomalyDetector(nn.Module):
         """Store the per-pixel mean and spread (H, W) of normal maps (`NormalMapStatistics`)."""
         self.normal_mean, self.normal_std = mean, std
 
+    def compare_standardization(self, maps: Tensor, labels: Tensor) -> tuple[float, float] | None:
+        """Image AUROC of validation maps (N, H, W), labels (N,) with 1 = anomalous, scored from
+        the raw map and from the per-pixel standardized one: (raw, standardized).
+
+        Cross-fitted: each half of the maps (alternate positions) is standardized by the other
+        half's normals, so no normal map lowers its own score. None without both classes or with
+        fewer than 2 normals in a half.
+        """
+        normal = labels == 0
+        half = torch.arange(len(maps), device=maps.device) % 2
+        fits = [normal & (half != h) for h in (0, 1)]
+        if not (bool(normal.any()) and bool((~normal).any()) and all(f.sum() >= 2 for f in fits)):
+            return None
+        standardized = torch.empty(len(maps), dtype=torch.float64, device=maps.device)
+        for h, fit in enumerate(fits):
+            mean, std = map_statistics(*map_sums(maps[fit]))
+            held = half == h
+            standardized[held] = self._reduce((maps[held] - mean) / std).double()
+        return float(auroc(self._reduce(maps), labels)), float(auroc(standardized, labels))
+
     def choose_standardization(self, maps: Tensor, labels: Tensor) -> bool:
         """With standardize "auto": score standardized maps from now on if that ranks these
-        validation maps (N, H, W) better (image AUROC, labels (N,) with 1 = anomalous) than the
-        raw ones. Cross-fitted: each half of the maps (alternate positions) is standardized by
-        the other half's normals, so no normal map lowers its own score. Raw without a class or
-        with fewer than 2 normals in a half. Returns whether scores are standardized."""
+        validation maps better than the raw ones (`compare_standardization`); raw where the
+        comparison cannot be made. Returns whether scores are standardized."""
         if self.standardize == "auto":
-            normal = labels == 0
-            half = torch.arange(len(maps), device=maps.device) % 2
-            fits = [normal & (half != h) for h in (0, 1)]
-            helps = False
-            if bool(normal.any()) and bool((~normal).any()) and all(f.sum() >= 2 for f in fits):
-                standardized = torch.empty(len(maps), dtype=torch.float64, device=maps.device)
-                for h, fit in enumerate(fits):
-                    mean, std = map_statistics(*map_sums(maps[fit]))
-                    held = half == h
-                    standardized[held] = self._reduce((maps[held] - mean) / std).double()
-                helps = bool(auroc(standardized, labels) > auroc(self._reduce(maps), labels))
+            comparison = self.compare_standardization(maps, labels)
+            helps = comparison is not None and comparison[1] > comparison[0]
             self.standardized.fill_(helps)
             self._standardized = helps
         return self.scores_standardized

@@ -205,9 +205,14 @@ class AnomalyModule(LightningModule):
             self._calibrate_threshold()
 
     def _calibrate_threshold(self) -> None:
-        """Whether scores standardize the maps, then the verdict threshold, both on this
-        validation's maps scored with the new statistics."""
+        """Whether scores standardize the maps (logging both scores' cross-fitted image AUROC),
+        then the verdict threshold, both on this validation's maps scored with the new
+        statistics."""
         maps, labels = self.validation_maps.compute()
+        comparison = self.detector.compare_standardization(maps, labels)
+        if comparison is not None:
+            self.log("val/image_auroc_raw", comparison[0])
+            self.log("val/image_auroc_standardized", comparison[1])
         standardized = self.detector.choose_standardization(maps, labels)
         self.log("val/standardized", float(standardized))
         scores = self.detector.score(maps)

@@ -31,7 +31,14 @@ from anomaly.tasks import load_detector
 
 BATCH = 32
 # Validation metrics and their sign (+1: higher is better).
-VALIDATION = {"val/loss": -1, "val/image_auroc": 1, "val/pixel_auroc": 1, "val/pixel_aupro": 1}
+VALIDATION = {
+    "val/loss": -1,
+    "val/image_auroc": 1,
+    "val/image_auroc_raw": 1,
+    "val/image_auroc_standardized": 1,
+    "val/pixel_auroc": 1,
+    "val/pixel_aupro": 1,
+}
 TEST = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 

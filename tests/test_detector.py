@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from scipy.stats import mannwhitneyu
 from torch import nn
 
 from anomaly.anomaly_map import AnomalyMap
@@ -160,6 +161,31 @@ def test_auto_standardizes_where_per_pixel_statistics_rank_the_anomalies_better(
     assert not detector.scores_standardized
     assert detector.choose_standardization(maps, labels) is True
     assert detector.scores_standardized and bool(detector.standardized)
+
+
+def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney U statistic of the anomalous scores over the normal ones."""
+    anomalous, normal = scores[labels == 1], scores[labels == 0]
+    u = mannwhitneyu(anomalous, normal, alternative="greater").statistic
+    return u / (len(anomalous) * len(normal))
+
+
+def test_the_comparison_is_the_cross_fitted_auroc_of_both_scores():
+    maps, labels = aligned_maps(torch.Generator().manual_seed(3))
+    raw, standardized = auto_detector().compare_standardization(maps, labels)
+    # Written out with numpy and scipy: even positions standardized by the odd positions'
+    # normals and the other way round; the spread is the deviation plus its own mean.
+    values, classes = maps.double().numpy(), labels.numpy()
+    scores = np.empty(len(values))
+    for held in (0, 1):
+        fit = values[(np.arange(len(values)) % 2 != held) & (classes == 0)]
+        spread = fit.std(0) + fit.std(0).mean()
+        rows = np.arange(len(values)) % 2 == held
+        scores[rows] = ((values[rows] - fit.mean(0)) / spread).reshape(rows.sum(), -1).max(1)
+    assert raw == pytest.approx(rank_auroc(classes, values.reshape(40, -1).max(1)), abs=1e-9)
+    assert standardized == pytest.approx(rank_auroc(classes, scores), abs=1e-6)
+    assert standardized > raw  # the anomalies hide below the noisy edge column
+    assert auto_detector().compare_standardization(maps[:3], labels[:3]) is None
 
 
 def test_auto_keeps_the_raw_map_for_unaligned_objects():
