@@ -20,6 +20,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (((ra - ma) ** 2).sum() * ((rb - mb) ** 2).sum()) ** 0.5
 
 
+@pytest.mark.slow  # a 4-epoch run, then every epoch scored on test: about a minute
 def test_every_epoch_is_scored_and_the_kept_epoch_matches_the_runs_test(tmp_path, capsys):
     run_dir = tmp_path / "run"
     changes = {
