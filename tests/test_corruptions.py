@@ -210,6 +210,21 @@ def test_corrupt_exact_mask(textures: TextureSource, seed: int) -> None:
         assert_valid_output(image, corrupted, mask)
 
 
+def test_subtle_corruptions_are_smaller_and_fainter(textures: TextureSource) -> None:
+    image = object_image(64, 64)
+    plain, subtle = [], []
+    for seed in range(12):
+        for found, flag in ((plain, False), (subtle, True)):
+            corrupted, mask = corrupt(image, np.random.default_rng(seed), textures, subtle=flag)
+            assert_valid_output(image, corrupted, mask)
+            change = np.abs(corrupted - image).max(-1)[mask > 0]
+            found.append((mask.mean(), change.mean()))
+    # At most two regions (a texture and a warp), each at most 1% of the image.
+    assert max(area for area, _ in subtle) <= 0.02
+    assert np.mean([a for a, _ in subtle]) < np.mean([a for a, _ in plain]) / 3
+    assert np.mean([c for _, c in subtle]) < np.mean([c for _, c in plain])
+
+
 def test_corrupt_both_corruptions_exact_mask(textures: TextureSource) -> None:
     image = object_image(64, 64)
     for seed in range(4):

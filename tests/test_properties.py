@@ -287,6 +287,7 @@ def corruption_cases(draw: st.DrawFn, kinds: tuple[str, ...] = ("noise", "ramp",
         "seed": draw(st.integers(0, 2**32 - 1)),
         "texture_prob": draw(PROBS),
         "elastic_prob": draw(PROBS),
+        "subtle": draw(st.booleans()),
     }
 
 
@@ -298,6 +299,7 @@ def run_corrupt(case: dict) -> tuple[np.ndarray, np.ndarray]:
         TEXTURES,
         texture_prob=case["texture_prob"],
         elastic_prob=case["elastic_prob"],
+        subtle=case["subtle"],
     )
 
 
@@ -358,6 +360,7 @@ def test_corrupt_deterministic_for_a_seed(case: dict) -> None:
         TextureSource(None),
         texture_prob=case["texture_prob"],
         elastic_prob=case["elastic_prob"],
+        subtle=case["subtle"],
     )
     assert np.array_equal(first_image.view(np.uint32), second_image.view(np.uint32))
     assert np.array_equal(first_mask, second_mask)

@@ -86,7 +86,7 @@ class AnomalyDataModule(LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         val_fraction: float = 0.1,
-        val_corrupted_copies: int = 1,
+        val_corrupted_copies: int = 4,
         dtd_root: str | None = None,
         corruption: dict | None = None,
         augment: dict | None = None,

@@ -2,8 +2,8 @@
 
 train: normal images, lightly augmented and, for the restoration objective, corrupted on the fly
        with randomness seeded per (seed, epoch, sample).
-val:   the held-out normal images plus fixed, seeded corrupted copies of each, with masks, so
-       validation metrics exist without touching the test split.
+val:   the held-out normal images plus fixed, seeded, subtle corrupted copies of each, with
+       masks, so validation metrics exist without touching the test split.
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ class TrainDataset(Dataset):
 class ValidationDataset(Dataset):
     """Held-out normal images followed by `copies` fixed, seeded corrupted copies of each.
 
-    Several copies per normal: a category holds out only a few dozen normal images, and one
-    anomaly each makes validation's image AUROC (and what is decided on it) a noisy estimate.
+    The copies are subtle corruptions (`corrupt(subtle=True)`), hard enough that validation tells
+    scores and checkpoints apart. Several per normal: a category holds out only a few dozen
+    normal images, and one anomaly each makes validation's image AUROC a noisy estimate.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class ValidationDataset(Dataset):
             clean = images.arrays(index)[0].astype(np.float32) / 255.0
             for copy in range(copies):
                 rng = np.random.default_rng([seed, VAL_STREAM, index, copy])
-                self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5))
+                self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5, subtle=True))
 
     def __len__(self) -> int:
         return (1 + self.copies) * len(self.images)
