@@ -128,7 +128,10 @@ def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
 
     The model and data configs come from the checkpoint (they must match the weights); the data
-    keys set in `eval.yaml` or on the command line replace the checkpoint's.
+    keys set in `eval.yaml` or on the command line replace the checkpoint's. With `recalibrate`,
+    the checkpoint is validated first, on the run's held-out normals and today's synthetic
+    anomalies, which fits what validation decides (normal statistics, standardization, threshold)
+    again for the test.
     """
     path = Path(cfg.ckpt_path)
     saved = read_checkpoint(path)["config"]
@@ -139,11 +142,17 @@ def evaluate(cfg: DictConfig) -> dict:
     save_run_settings(cfg)
     L.seed_everything(saved["seed"], workers=True)
     datamodule = instantiate(cfg.data)
-    model = build_module(cfg.model)
+    threshold = saved.get("threshold")
+    model = build_module(cfg.model, OmegaConf.create(threshold) if threshold else None)
     trainer = None
     try:
         trainer = build_trainer(cfg)
-        trainer.test(model, datamodule=datamodule, ckpt_path=str(path), weights_only=True)
+        if cfg.get("recalibrate", False):
+            # Today's validation set: normal statistics, standardization and threshold anew.
+            trainer.validate(model, datamodule=datamodule, ckpt_path=str(path), weights_only=True)
+            trainer.test(model, datamodule=datamodule)
+        else:
+            trainer.test(model, datamodule=datamodule, ckpt_path=str(path), weights_only=True)
     finally:
         close_job(trainer)
     return model.test_results

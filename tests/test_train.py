@@ -101,6 +101,15 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
     assert json.loads((eval_dir / "metrics.json").read_text()) == metrics
     assert (eval_dir / "scores.csv").read_text() == (train_dir / "scores.csv").read_text()
     if model == "sdc_ccm":
+        # Recalibrated on the same validation set, the checkpoint fits what it saved.
+        again_dir = tmp_path / "recalibrated"
+        done = run(
+            "eval.py", f"ckpt_path={best[0]}", f"hydra.run.dir={again_dir}", "recalibrate=true"
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        again = json.loads((again_dir / "metrics.json").read_text())
+        assert all(again[key] == pytest.approx(metrics[key], abs=1e-6) for key in METRIC_KEYS)
+        assert "val/threshold" in (again_dir / "csv" / "metrics.csv").read_text()
         # The same checkpoint on another, real-layout category: its data keys replace the saved.
         write_tree(tmp_path / "real", category="widget")
         other_dir = tmp_path / "other"
