@@ -205,7 +205,7 @@ class AnomalyModule(LightningModule):
             self._calibrate_threshold()
 
     def _calibrate_threshold(self) -> None:
-        """Whether scores standardize the maps (logging both scores' cross-fitted image AUROC),
+        """Whether scores standardize the maps (logging both scores' image AUROC, no normal standardized by itself),
         then the verdict threshold, both on this validation's maps scored with the new
         statistics."""
         maps, labels = self.validation_maps.compute()

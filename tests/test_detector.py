@@ -170,20 +170,26 @@ def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return u / (len(anomalous) * len(normal))
 
 
-def test_the_comparison_is_the_cross_fitted_auroc_of_both_scores():
+def test_the_comparison_scores_each_normal_by_the_other_normals_statistics():
     maps, labels = aligned_maps(torch.Generator().manual_seed(3))
     raw, standardized = auto_detector().compare_standardization(maps, labels)
-    # Written out with numpy and scipy: even positions standardized by the odd positions'
-    # normals and the other way round; the spread is the deviation plus its own mean.
+    # Written out with numpy and scipy: each normal standardized by the other normals' mean and
+    # spread (the deviation plus its own mean), each anomaly by every normal's.
     values, classes = maps.double().numpy(), labels.numpy()
-    scores = np.empty(len(values))
-    for held in (0, 1):
-        fit = values[(np.arange(len(values)) % 2 != held) & (classes == 0)]
+
+    def standardized_max(value: np.ndarray, fit: np.ndarray) -> float:
         spread = fit.std(0) + fit.std(0).mean()
-        rows = np.arange(len(values)) % 2 == held
-        scores[rows] = ((values[rows] - fit.mean(0)) / spread).reshape(rows.sum(), -1).max(1)
+        return float(((value - fit.mean(0)) / spread).max())
+
+    normals = np.flatnonzero(classes == 0)
+    scores = [
+        standardized_max(values[i], values[normals[normals != i]])
+        if classes[i] == 0
+        else standardized_max(values[i], values[normals])
+        for i in range(len(values))
+    ]
     assert raw == pytest.approx(rank_auroc(classes, values.reshape(40, -1).max(1)), abs=1e-9)
-    assert standardized == pytest.approx(rank_auroc(classes, scores), abs=1e-6)
+    assert standardized == pytest.approx(rank_auroc(classes, np.array(scores)), abs=1e-6)
     assert standardized > raw  # the anomalies hide below the noisy edge column
     assert auto_detector().compare_standardization(maps[:3], labels[:3]) is None
 
@@ -231,5 +237,5 @@ def test_auto_stays_raw_with_too_few_normals_or_one_class():
     detector.set_normal_statistics(torch.zeros(8, 8), torch.ones(8, 8))
     assert detector.choose_standardization(maps[:3], torch.zeros(3, dtype=torch.long)) is False
     assert detector.choose_standardization(maps[labels == 0], labels[labels == 0]) is False
-    few = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert detector.choose_standardization(maps[18:24], few) is False
+    few = torch.tensor([0, 0, 1, 1, 1, 1])
+    assert detector.choose_standardization(maps[20:26], few) is False

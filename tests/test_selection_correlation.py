@@ -36,7 +36,7 @@ def test_every_epoch_is_scored_and_the_kept_epoch_matches_the_runs_test(tmp_path
     correlations = {line["validation"]: line for line in lines if "validation" in line}
     kept = {line["selection"]: line for line in lines if "selection" in line}
     assert [row["epoch"] for row in epochs] == [0, 1, 2, 3]
-    # Every validation logs both scores' cross-fitted image AUROC, and they are correlated too.
+    # Every validation logs both scores' image AUROC, and they are correlated too.
     for key in ("val/image_auroc_raw", "val/image_auroc_standardized"):
         assert all(0.0 <= row[key] <= 1.0 for row in epochs) and correlations[key]["epochs"] == 4
     # The run tested the checkpoint with the lowest val/loss (the model's selection rule).
