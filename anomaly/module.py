@@ -205,9 +205,8 @@ class AnomalyModule(LightningModule):
             self._calibrate_threshold()
 
     def _calibrate_threshold(self) -> None:
-        """Whether scores standardize the maps (logging both scores' image AUROC, no normal standardized by itself),
-        then the verdict threshold, both on this validation's maps scored with the new
-        statistics."""
+        """Whether scores standardize the maps (logging both scores' image AUROC), then the
+        verdict threshold, both on this validation's maps scored with the new statistics."""
         maps, labels = self.validation_maps.compute()
         comparison = self.detector.compare_standardization(maps, labels)
         if comparison is not None:
