@@ -145,12 +145,16 @@ class AnomalyDetector(nn.Module):
             standardized[i] = self._reduce(((maps[i] - mean) / std)[None]).double()[0]
         return float(auroc(self._reduce(maps), labels)), float(auroc(standardized, labels))
 
-    def choose_standardization(self, maps: Tensor, labels: Tensor) -> bool:
+    def choose_standardization(
+        self, maps: Tensor, labels: Tensor, comparison: tuple[float, float] | None = None
+    ) -> bool:
         """With standardize "auto": score standardized maps from now on if that ranks these
-        validation maps better than the raw ones (`compare_standardization`); raw where the
-        comparison cannot be made. Returns whether scores are standardized."""
+        validation maps better than the raw ones (`compare_standardization`, or its result for
+        these maps as `comparison`); raw where the comparison cannot be made. Returns whether
+        scores are standardized."""
         if self.standardize == "auto":
-            comparison = self.compare_standardization(maps, labels)
+            if comparison is None:
+                comparison = self.compare_standardization(maps, labels)
             helps = comparison is not None and comparison[1] > comparison[0]
             self.standardized.fill_(helps)
             self._standardized = helps

@@ -212,7 +212,7 @@ class AnomalyModule(LightningModule):
         if comparison is not None:
             self.log("val/image_auroc_raw", comparison[0])
             self.log("val/image_auroc_standardized", comparison[1])
-        standardized = self.detector.choose_standardization(maps, labels)
+        standardized = self.detector.choose_standardization(maps, labels, comparison)
         self.log("val/standardized", float(standardized))
         scores = self.detector.score(maps)
         threshold = calibrate_threshold(scores, labels, **self.threshold)

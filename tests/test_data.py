@@ -148,7 +148,9 @@ def test_datamodule_splits_are_disjoint_and_val_has_both_classes(tiny_tree):
     assert all(torch.equal(val[i]["image"], again[i]["image"]) for i in range(len(val)))
 
 
-@pytest.mark.parametrize("setting", [{"val_fraction": 1.0}, {"val_corrupted_copies": 0}])
+@pytest.mark.parametrize(
+    "setting", [{"val_fraction": 1.0}, {"val_corrupted_copies": 0}, {"val_corrupted_copies": "x"}]
+)
 def test_datamodule_refuses_an_empty_validation_setting(tiny_tree, setting):
     (key,) = setting
     with pytest.raises(ConfigError, match=f"data.{key} must"):

@@ -95,7 +95,9 @@ class AnomalyDataModule(LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if val_corrupted_copies < 1:
+        if isinstance(val_corrupted_copies, bool) or not (
+            isinstance(val_corrupted_copies, int) and val_corrupted_copies >= 1
+        ):
             raise ConfigError(
                 f"data.val_corrupted_copies must be at least 1, got {val_corrupted_copies}"
             )
