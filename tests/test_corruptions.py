@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +13,8 @@ from PIL import Image
 from anomaly.data.corruptions import CHANGE_TOLERANCE, blob_mask, corrupt
 from anomaly.data.textures import TextureSource
 from anomaly.errors import DatasetError
+
+PROCEDURAL = TextureSource(None)
 
 
 @pytest.fixture
@@ -170,6 +173,30 @@ def test_blob_mask_deterministic() -> None:
     assert not np.array_equal(first, blob_mask(np.random.default_rng(2), 50, 30))
 
 
+def test_blob_mask_centres_lie_where_asked() -> None:
+    # Small single blobs centred in a 6 x 6 corner square stay near it; unconstrained ones do not.
+    where = np.zeros((64, 64), bool)
+    where[4:10, 50:56] = True
+    near = cv2.dilate(where.astype(np.uint8), np.ones((31, 31), np.uint8)).astype(bool)
+    placed = [
+        blob_mask(np.random.default_rng(seed), 64, 64, 0.002, 0.002, 1, where=where)
+        for seed in range(40)
+    ]
+    assert all(mask.any() and not (mask & ~near).any() for mask in placed)
+    anywhere = [blob_mask(np.random.default_rng(s), 64, 64, 0.002, 0.002, 1) for s in range(40)]
+    assert sum(bool((mask & ~near).any()) for mask in anywhere) > 20
+
+
+def test_corruptions_centred_on_a_region_change_pixels_near_it() -> None:
+    image = np.random.default_rng(0).uniform(0.2, 0.8, (64, 64, 3)).astype(np.float32)
+    where = np.zeros((64, 64), bool)
+    where[40:52, 8:20] = True
+    near = cv2.dilate(where.astype(np.uint8), np.ones((61, 61), np.uint8)).astype(bool)
+    for seed in range(20):
+        _, mask = corrupt(image, np.random.default_rng(seed), PROCEDURAL, subtle=True, where=where)
+        assert mask.any() and not (mask.astype(bool) & ~near).any()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -178,11 +205,13 @@ def test_blob_mask_deterministic() -> None:
         {"min_area": 0.3, "max_area": 0.2},
         {"max_area": 1.5},
         {"max_blobs": 0},
+        {"where": np.zeros((16, 16), bool)},
+        {"where": np.ones((8, 16), bool)},
     ],
 )
 def test_blob_mask_bad_arguments(kwargs: dict) -> None:
     arguments = {"height": 16, "width": 16} | kwargs
-    with pytest.raises(ValueError, match="height and width|min_area|max_blobs"):
+    with pytest.raises(ValueError, match="height and width|min_area|max_blobs|where"):
         blob_mask(np.random.default_rng(0), **arguments)
 
 

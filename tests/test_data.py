@@ -148,10 +148,45 @@ def test_datamodule_splits_are_disjoint_and_val_has_both_classes(tiny_tree):
     assert all(torch.equal(val[i]["image"], again[i]["image"]) for i in range(len(val)))
 
 
+def write_object_category(root: Path, count: int = 12) -> np.ndarray:
+    """Normal images of a dark square on a plain light backdrop; returns the square's 32 px mask."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = np.full((64, 64, 3), 200, np.int16) + rng.integers(-3, 4, (64, 64, 3))
+        pixels[8:28, 36:56] = 60
+        path = root / "widget" / "train" / "good" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+    write_tree(root, num_train=0)
+    square = np.zeros((32, 32), bool)
+    square[4:14, 18:28] = True
+    return square
+
+
+@pytest.mark.parametrize("on_object", [True, False])
+def test_validation_anomalies_fall_on_the_object(tmp_path, on_object):
+    square = write_object_category(tmp_path)
+    datamodule = make_datamodule(
+        tmp_path, val_corrupted_copies=8, val_anomalies_on_object=on_object
+    )
+    near = cv2.dilate(square.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    val = datamodule.val_set
+    masks = [val[i]["mask"][0].numpy() > 0 for i in range(len(val.images), len(val))]
+    off_object = sum(bool((mask & ~near).any()) for mask in masks)
+    assert len(masks) == 24 and all(mask.any() for mask in masks)
+    assert (off_object == 0) if on_object else (off_object > len(masks) // 2)
+
+
 @pytest.mark.parametrize(
-    "setting", [{"val_fraction": 1.0}, {"val_corrupted_copies": 0}, {"val_corrupted_copies": "x"}]
+    "setting",
+    [
+        {"val_fraction": 1.0},
+        {"val_corrupted_copies": 0},
+        {"val_corrupted_copies": "x"},
+        {"val_anomalies_on_object": "yes"},
+    ],
 )
-def test_datamodule_refuses_an_empty_validation_setting(tiny_tree, setting):
+def test_datamodule_refuses_a_bad_validation_setting(tiny_tree, setting):
     (key,) = setting
     with pytest.raises(ConfigError, match=f"data.{key} must"):
         make_datamodule(tiny_tree, **setting)
@@ -167,6 +202,17 @@ def test_training_samples_are_corrupted_reproducibly(tiny_tree):
     next_epoch = train_set[5 + len(train_set)]  # same image, next epoch: new corruption
     assert torch.equal(next_epoch["image"], sample["image"])
     assert not torch.equal(next_epoch["input"], sample["input"])
+
+
+def test_training_levels_are_the_mean_level_and_spread_of_the_training_images(tiny_tree):
+    # At the images' own size (52 x 40) nothing is resized: the files' levels are the reference.
+    datamodule = make_datamodule(tiny_tree, image_size=[52, 40])
+    levels = [
+        np.asarray(Image.open(record.path), dtype=np.float64) / 255.0
+        for record in datamodule.train_set.images.records
+    ]
+    expected = (np.mean([x.mean() for x in levels]), np.mean([x.std() for x in levels]))
+    assert datamodule.training_levels() == pytest.approx(expected, rel=1e-9)
 
 
 def test_without_corruption_input_is_the_clean_image(tiny_tree):

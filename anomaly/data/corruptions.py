@@ -71,6 +71,7 @@ def blob_mask(
     min_area: float = 0.005,
     max_area: float = 0.25,
     max_blobs: int = 3,
+    where: np.ndarray | None = None,
 ) -> np.ndarray:
     """Random blob-shaped region: 1 to ``max_blobs`` noisy ellipses.
 
@@ -85,6 +86,7 @@ def blob_mask(
         min_area: Smallest covered fraction of the image.
         max_area: Largest covered fraction of the image.
         max_blobs: Largest number of blob centres.
+        where: bool (H, W): blob centres lie in its True pixels; None: anywhere.
 
     Returns:
         bool array of shape (H, W) with at least one True pixel.
@@ -94,6 +96,10 @@ def blob_mask(
         raise ValueError(f"need 0 < min_area <= max_area <= 1, got {min_area}, {max_area}")
     if max_blobs < 1:
         raise ValueError(f"max_blobs must be >= 1, got {max_blobs}")
+    if where is not None:
+        if where.shape != (height, width) or not where.any():
+            raise ValueError(f"where must be a (H, W) mask with a True pixel, got {where.shape}")
+        centres = np.flatnonzero(where)
 
     pixels = height * width
     area = math.exp(rng.uniform(math.log(min_area), math.log(max_area)))
@@ -105,7 +111,11 @@ def blob_mask(
     xs = np.arange(width, dtype=np.float32)[None, :]
     distance = np.full((height, width), np.inf, np.float32)
     for _ in range(blobs):
-        centre_y, centre_x = rng.uniform(0, height), rng.uniform(0, width)
+        if where is None:
+            centre_y, centre_x = rng.uniform(0, height), rng.uniform(0, width)
+        else:
+            row, column = divmod(int(centres[rng.integers(centres.size)]), width)
+            centre_y, centre_x = row + rng.uniform(0, 1), column + rng.uniform(0, 1)
         angle = rng.uniform(0.0, math.pi)
         log_aspect = math.log(MAX_ASPECT)
         elongation = math.sqrt(math.exp(rng.uniform(-log_aspect, log_aspect)))
@@ -148,9 +158,10 @@ def _texture(
     textures: TextureSource,
     opacity_range: tuple[float, float],
     area_range: tuple[float, float],
+    where: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     height, width = image.shape[:2]
-    region = blob_mask(rng, height, width, *area_range)
+    region = blob_mask(rng, height, width, *area_range, where=where)
     texture = textures.sample(rng, height, width)
     opacity = np.float32(rng.uniform(*opacity_range))
     return _finalize(image, image + opacity * (texture - image), region)
@@ -161,12 +172,13 @@ def _elastic(
     rng: np.random.Generator,
     strength_range: tuple[float, float],
     area_range: tuple[float, float],
+    where: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     height, width = image.shape[:2]
     ys = np.arange(height, dtype=np.float32)[:, None]
     xs = np.arange(width, dtype=np.float32)[None, :]
     for _ in range(ELASTIC_TRIES):
-        region = blob_mask(rng, height, width, *area_range)
+        region = blob_mask(rng, height, width, *area_range, where=where)
         radius = math.sqrt(region.sum() / math.pi)
 
         # Distance to the nearest pixel outside the blob: 0 outside, >= 1 inside.
@@ -194,6 +206,7 @@ def corrupt(
     texture_prob: float = 0.5,
     elastic_prob: float = 0.5,
     subtle: bool = False,
+    where: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Apply a texture and/or an elastic corruption (default settings), drawn independently.
 
@@ -208,6 +221,8 @@ def corrupt(
         texture_prob: Probability of the texture corruption.
         elastic_prob: Probability of the elastic corruption.
         subtle: smaller regions, fainter textures and weaker warps (`SUBTLE_AREA_RANGE`, ...).
+        where: bool (H, W): the corrupted regions are centred in its True pixels (for example
+            the object, `anomaly.data.foreground.foreground_mask`); None: anywhere.
 
     Returns:
         corrupted float32 (H, W, 3) in [0, 1], and mask float32 (H, W) in {0, 1} marking exactly
@@ -230,10 +245,10 @@ def corrupt(
             use_elastic = rng.random() < elastic_prob
         corrupted, region = image, np.zeros(image.shape[:2], bool)
         if use_texture:
-            corrupted, mask = _texture(corrupted, rng, textures, opacity_range, area_range)
+            corrupted, mask = _texture(corrupted, rng, textures, opacity_range, area_range, where)
             region |= mask
         if use_elastic:
-            corrupted, mask = _elastic(corrupted, rng, warp_range, area_range)
+            corrupted, mask = _elastic(corrupted, rng, warp_range, area_range, where)
             region |= mask
         # The warp may move texture back over its own origin, so re-check against the original.
         corrupted, mask = _finalize(image, corrupted, region)

@@ -62,6 +62,8 @@ class AnomalyDataModule(LightningDataModule):
         val_corrupted_copies: synthetic anomalies per held-out normal image (fixed, seeded
             corrupted copies): validation's image AUROC and the choices made on it (checkpoint,
             standardized score, threshold) rest on this many times the held-out normals.
+        val_anomalies_on_object: centre those synthetic anomalies on the object (told from the
+            image border's colour; anywhere on textures), where real defects lie.
         dtd_root: DTD-layout texture folder for the corruptions; None for procedural textures.
         corruption: the model objective's corruption of training images (`model.objective`):
             `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
@@ -87,6 +89,7 @@ class AnomalyDataModule(LightningDataModule):
         seed: int = 0,
         val_fraction: float = 0.1,
         val_corrupted_copies: int = 4,
+        val_anomalies_on_object: bool = True,
         dtd_root: str | None = None,
         corruption: dict | None = None,
         augment: dict | None = None,
@@ -101,12 +104,18 @@ class AnomalyDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.val_corrupted_copies must be at least 1, got {val_corrupted_copies}"
             )
+        if not isinstance(val_anomalies_on_object, bool):
+            raise ConfigError(
+                "data.val_anomalies_on_object must be true or false, "
+                f"got {val_anomalies_on_object!r}"
+            )
         self.root, self.category, self.image_size = root, category, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed, self.val_fraction, self.dtd_root = seed, val_fraction, dtd_root
         self.val_corrupted_copies = val_corrupted_copies
+        self.val_anomalies_on_object = val_anomalies_on_object
         corruption = {"prob": 0.0, "texture_prob": 0.5, "elastic_prob": 0.5, **(corruption or {})}
         self.corruption_device = corruption.pop("device", "loader")
         if self.corruption_device not in CORRUPTION_DEVICES:
@@ -192,10 +201,23 @@ class AnomalyDataModule(LightningDataModule):
             self.seed,
             textures,
             self.val_corrupted_copies,
+            self.val_anomalies_on_object,
         )
         self.test_set = MVTecDataset(
             list_samples(self.root, self.category, "test"), self.image_size
         )
+
+    def training_levels(self) -> tuple[float, float]:
+        """The mean level and the mean spread of levels of the normal training images, as
+        `anomaly.detector.image_levels` measures one image (levels in [0, 1], before
+        augmentation): the reference that `model.normalize_levels` maps every image to."""
+        images = self.train_set.images
+        means, spreads = [], []
+        for index in range(len(images)):
+            levels = images.arrays(index)[0].astype(np.float64) / 255.0
+            means.append(levels.mean())
+            spreads.append(levels.std())
+        return float(np.mean(means)), float(np.mean(spreads))
 
     def corrupt_on_device(self, batch: dict) -> dict:
         """Corrupt a training batch where it lies (`data.corruption.device=model`); any other

@@ -14,6 +14,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from anomaly.data.corruptions import corrupt
+from anomaly.data.foreground import foreground_mask
 from anomaly.data.mvtec import MVTecDataset, make_sample
 from anomaly.data.textures import TextureSource
 
@@ -91,19 +92,29 @@ class ValidationDataset(Dataset):
 
     The copies are subtle corruptions (`corrupt(subtle=True)`), hard enough that validation tells
     scores and checkpoints apart. Several per normal: a category holds out only a few dozen
-    normal images, and one anomaly each makes validation's image AUROC a noisy estimate.
+    normal images, and one anomaly each makes validation's image AUROC a noisy estimate. With
+    `on_object`, each corruption is centred on the object (`foreground_mask` of its normal
+    image), where the real defects of an object category lie; on textures that is anywhere.
     """
 
     def __init__(
-        self, images: MVTecDataset, seed: int, textures: TextureSource | None, copies: int = 1
+        self,
+        images: MVTecDataset,
+        seed: int,
+        textures: TextureSource | None,
+        copies: int = 1,
+        on_object: bool = True,
     ) -> None:
         self.images, self.copies = images, copies
         self.corrupted = []
         for index in range(len(images)):
             clean = images.arrays(index)[0].astype(np.float32) / 255.0
+            where = foreground_mask(clean) if on_object else None
             for copy in range(copies):
                 rng = np.random.default_rng([seed, VAL_STREAM, index, copy])
-                self.corrupted.append(corrupt(clean, rng, textures, 0.5, 0.5, subtle=True))
+                self.corrupted.append(
+                    corrupt(clean, rng, textures, 0.5, 0.5, subtle=True, where=where)
+                )
 
     def __len__(self) -> int:
         return (1 + self.copies) * len(self.images)
