@@ -24,6 +24,8 @@ MIN_SPREAD = 1e-6
 THRESHOLD_METHODS = ("f1_max", "fpr")
 # `score.standardize`: always, never, or where it ranks validation anomalies better.
 STANDARDIZE_CHOICES = (True, False, "auto")
+# The smallest spread of an image's levels that `normalize_levels` divides by (a flat image).
+MIN_LEVEL_SPREAD = 1e-3
 
 
 def calibrate_threshold(
@@ -76,12 +78,19 @@ class AnomalyDetector(nn.Module):
     aligned objects: where they lie at random positions, "auto" lets every validation decide
     (`choose_standardization`). The returned map stays the raw one.
 
+    With `normalize_levels`, each image's levels are mapped linearly (gain and offset) to the
+    mean and spread of the training images' levels (`set_reference_levels`) before the network
+    sees it, and the map compares that image with its reconstruction: the map does not follow
+    the light. An image 10% darker, or with less contrast, gets the same map (up to levels
+    clipped at 0 or 1).
+
     Args:
         net: (B, 3, H, W) in [0, 1] -> reconstruction (B, 3, H, W).
         anomaly_map: (image, reconstruction) -> map (B, H, W).
         top_k: image score = mean of the top-k map pixels instead of the maximum.
         standardize: True: score the standardized map once normal statistics are set; False:
             the raw map; "auto": whichever `choose_standardization` picked last (raw until then).
+        normalize_levels: map each image's levels to the training images' (once they are set).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class AnomalyDetector(nn.Module):
         anomaly_map: AnomalyMap,
         top_k: int | None = None,
         standardize: bool | str = False,
+        normalize_levels: bool = False,
     ) -> None:
         super().__init__()
         if top_k is not None and top_k < 1:
@@ -98,6 +108,9 @@ class AnomalyDetector(nn.Module):
             raise ConfigError(f"score.standardize must be true, false or auto, got {standardize!r}")
         self.net, self.anomaly_map = net, anomaly_map
         self.top_k, self.standardize = top_k, standardize
+        self.normalize_levels = normalize_levels
+        # The training images' mean level and spread of levels, [mean, spread]; empty until set.
+        self.register_buffer("reference_levels", torch.empty(0))
         # Per-pixel statistics of normal maps (H, W); empty until set. Saved with the weights.
         self.register_buffer("normal_mean", torch.empty(0))
         self.register_buffer("normal_std", torch.empty(0))
@@ -117,6 +130,29 @@ class AnomalyDetector(nn.Module):
     def scores_standardized(self) -> bool:
         """Whether `score` standardizes the maps."""
         return self._standardized and self.has_normal_statistics
+
+    @property
+    def has_reference_levels(self) -> bool:
+        return self.reference_levels.numel() > 0
+
+    def set_reference_levels(self, mean: float, spread: float) -> None:
+        """Store the training images' mean level and spread of levels (`image_levels`)."""
+        self.reference_levels = torch.tensor(
+            [mean, spread], dtype=torch.float32, device=self.reference_levels.device
+        )
+
+    def match_levels(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images (B, 3, H, W) with their levels mapped to the reference ones, clipped to [0, 1],
+        and the gain and offset (B, 1, 1, 1) each got; unchanged (gain 1, offset 0) without
+        `normalize_levels` or before the reference is set."""
+        ones = images.new_ones(images.shape[0], 1, 1, 1)
+        if not (self.normalize_levels and self.has_reference_levels):
+            return images, ones, ones * 0
+        mean, spread = image_levels(images)
+        gain = self.reference_levels[1] / spread.clamp(min=MIN_LEVEL_SPREAD)
+        offset = self.reference_levels[0] - gain * mean
+        gain, offset = gain.view(-1, 1, 1, 1), offset.view(-1, 1, 1, 1)
+        return (images * gain + offset).clamp(0.0, 1.0), gain, offset
 
     def set_normal_statistics(self, mean: Tensor, std: Tensor) -> None:
         """Store the per-pixel mean and spread (H, W) of normal maps (`NormalMapStatistics`)."""
@@ -184,8 +220,10 @@ class AnomalyDetector(nn.Module):
         return scores.double() >= self.threshold
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # The statistics' shape depends on the image size: take it from the checkpoint.
-        for name in ("normal_mean", "normal_std"):
+        # Checkpoints from before level matching existed have no reference: images pass unchanged.
+        state_dict.setdefault(prefix + "reference_levels", torch.empty(0))
+        # The statistics' shape (the image size) and the reference's (set or not) come from it.
+        for name in ("normal_mean", "normal_std", "reference_levels"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         # Checkpoints from before the choice existed standardized as their config said.
@@ -223,9 +261,18 @@ class AnomalyDetector(nn.Module):
         Returns:
             anomaly_map (B, H, W), score (B,) and reconstruction (B, 3, H, W).
         """
-        reconstruction = self.net(images)
-        maps = self.anomaly_map(images, reconstruction)
-        return maps, self.score(maps), reconstruction
+        matched, gain, offset = self.match_levels(images)
+        reconstruction = self.net(matched)
+        maps = self.anomaly_map(matched, reconstruction)
+        # The reconstruction is handed back in the image's own levels.
+        return maps, self.score(maps), (reconstruction - offset) / gain
+
+
+def image_levels(images: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean level and the spread (standard deviation) of levels of each image (B, C, H, W),
+    over all its pixels and channels: two (B,) tensors."""
+    flat = images.flatten(1).float()
+    return flat.mean(dim=1), flat.std(dim=1, correction=0)
 
 
 class NormalMapStatistics(Metric):

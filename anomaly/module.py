@@ -18,7 +18,7 @@ from anomaly.detector import (
     ValidationMaps,
     calibrate_threshold,
 )
-from anomaly.errors import NonFiniteError
+from anomaly.errors import ConfigError, NonFiniteError
 from anomaly.metrics import AUROC, METRIC_KEYS, F1Max, PerGroupAUROC, PixelMetrics
 from anomaly.objective import ReconstructionLoss
 
@@ -113,9 +113,23 @@ class AnomalyModule(LightningModule):
                     batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
         return batch
 
+    def on_fit_start(self) -> None:
+        detector = self.detector
+        if detector.normalize_levels and not detector.has_reference_levels:
+            levels = getattr(self.trainer.datamodule, "training_levels", None)
+            if levels is None:
+                raise ConfigError(
+                    "model.normalize_levels needs the training images' levels: train with "
+                    "anomaly.data.datamodule.AnomalyDataModule"
+                )
+            detector.set_reference_levels(*levels())
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        prediction = self.detector.net(batch["input"])
-        total, terms = self.loss(prediction, batch["image"], batch["mask"])
+        # The network restores in the input's matched levels, so the target is matched alike.
+        matched, gain, offset = self.detector.match_levels(batch["input"])
+        prediction = self.detector.net(matched)
+        target = (batch["image"] * gain + offset).clamp(0.0, 1.0)
+        total, terms = self.loss(prediction, target, batch["mask"])
         self._stop_if_diverged(total, batch_idx)
         batch_size = batch["image"].shape[0]
         for key, value in {"loss": total, **terms}.items():

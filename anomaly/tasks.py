@@ -27,6 +27,8 @@ def build_detector(model: DictConfig) -> AnomalyDetector:
         AnomalyMap(**model.anomaly_map),
         top_k=model.score.top_k,
         standardize=model.score.standardize,
+        # Checkpoints of runs before the setting existed trained without it.
+        normalize_levels=model.get("normalize_levels", False),
     )
 
 

@@ -239,3 +239,51 @@ def test_auto_stays_raw_with_too_few_normals_or_one_class():
     assert detector.choose_standardization(maps[labels == 0], labels[labels == 0]) is False
     few = torch.tensor([0, 0, 1, 1, 1, 1])
     assert detector.choose_standardization(maps[20:26], few) is False
+
+
+def test_matched_levels_make_the_map_independent_of_gain_and_offset():
+    # Levels in [0.3, 0.7]: times 0.9 or 1.1, and shifted by 0.05, nothing is clipped.
+    torch.manual_seed(2)
+    images = 0.3 + 0.4 * torch.rand(2, 3, 32, 32)
+    net = nn.Conv2d(3, 3, 3, padding=1)
+    detector = AnomalyDetector(net, AnomalyMap(sigma=1.0), normalize_levels=True)
+    detector.set_reference_levels(0.6, 0.1)
+    with torch.no_grad():
+        maps, scores, _ = detector(images)
+        for gain, offset in ((0.9, 0.0), (1.1, 0.0), (1.0, 0.05), (0.8, 0.1)):
+            shifted_maps, shifted_scores, _ = detector(images * gain + offset)
+            assert torch.allclose(shifted_maps, maps, atol=1e-5)
+            assert torch.allclose(shifted_scores, scores, atol=1e-5)
+    # The network sees the reference levels: mean 0.6 and spread 0.1 for every image.
+    matched, gain, offset = detector.match_levels(images)
+    flat = matched.flatten(1)
+    assert torch.allclose(flat.mean(1), torch.tensor([0.6, 0.6]), atol=1e-5)
+    assert torch.allclose(flat.std(1, correction=0), torch.tensor([0.1, 0.1]), atol=1e-5)
+    assert torch.allclose(matched, images * gain + offset)
+    plain = AnomalyDetector(net, AnomalyMap(sigma=1.0))
+    plain.set_reference_levels(0.6, 0.1)
+    with torch.no_grad():
+        assert not torch.allclose(plain(images * 0.9)[0], plain(images)[0], atol=1e-3)
+
+
+def test_the_reconstruction_comes_back_in_the_image_levels():
+    images = 0.2 + 0.5 * torch.rand(2, 3, 16, 16)
+    detector = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), normalize_levels=True)
+    unset_maps, _, unset_reconstruction = detector(images)  # no reference yet: unchanged
+    assert torch.equal(unset_reconstruction, images) and not unset_maps.any()
+    detector.set_reference_levels(0.5, 0.2)
+    maps, _, reconstruction = detector(images)
+    assert torch.allclose(reconstruction, images, atol=1e-5) and maps.abs().max() < 1e-5
+
+
+def test_the_reference_levels_travel_in_the_state_dict():
+    detector = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), normalize_levels=True)
+    detector.set_reference_levels(0.4, 0.15)
+    fresh = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), normalize_levels=True)
+    fresh.load_state_dict(detector.state_dict())
+    assert torch.allclose(fresh.reference_levels, torch.tensor([0.4, 0.15]))
+    # A state dict from before level matching existed loads, and images pass unchanged.
+    older = {k: v for k, v in detector.state_dict().items() if k != "reference_levels"}
+    fresh.load_state_dict(older)
+    images = torch.rand(1, 3, 8, 8)
+    assert not fresh.has_reference_levels and torch.equal(fresh.match_levels(images)[0], images)

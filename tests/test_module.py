@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.detector import AnomalyDetector
@@ -169,3 +171,39 @@ def test_channels_last_gives_the_same_results_in_the_faster_layout(tiny_tree):
         results.append((loss.detach(), conv.grad.clone(), maps, scores))
     for plain, fast in zip(*results, strict=True):
         assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-5)
+
+
+class RecordsTargets(ReconstructionLoss):
+    """The reconstruction loss, keeping the training targets it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[torch.Tensor] = []
+
+    def forward(self, prediction, target, mask):
+        if self.training:
+            self.targets.append(target.detach().clone())
+        return super().forward(prediction, target, mask)
+
+
+def test_fitting_sets_the_reference_levels_and_trains_in_matched_levels(tiny_tree):
+    # Training images from dark (levels x 0.3) to full: the network restores every target at the
+    # reference levels, not at the image's own.
+    for i, path in enumerate(sorted((tiny_tree / "widget" / "train" / "good").glob("*.png"))):
+        levels = np.asarray(Image.open(path), dtype=np.float64) * (0.3 + 0.06 * i)
+        Image.fromarray(levels.round().astype(np.uint8)).save(path)
+    datamodule = make_datamodule(tiny_tree)
+    net = SDCCCMAutoencoder(channels=(8, 16, 24), num_sdc_blocks=1)
+    detector = AnomalyDetector(net, AnomalyMap(sigma=1.0), normalize_levels=True)
+    loss = RecordsTargets()
+    model = AnomalyModule(detector, loss, partial(torch.optim.Adam, lr=1e-3))
+    quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
+        model, datamodule=datamodule
+    )
+    mean, spread = datamodule.training_levels()
+    assert torch.allclose(detector.reference_levels, torch.tensor([mean, spread]))
+    targets = torch.cat(loss.targets).flatten(1)
+    assert len(targets) == 8
+    # Matched by the corrupted input's levels, so close to (not exactly at) the reference.
+    assert torch.allclose(targets.mean(1), torch.full((8,), mean), atol=0.03)
+    assert torch.allclose(targets.std(1, correction=0), torch.full((8,), spread), atol=0.03)
