@@ -67,12 +67,16 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     if lr_schedule.get("shape", "constant") not in LR_SHAPES:
         _fail("model.lr_schedule.shape", lr_schedule.get("shape"), " or ".join(LR_SHAPES))
     _check_fraction("model.lr_schedule.final_share", lr_schedule.get("final_share", 0.0))
-    threshold = cfg.get("threshold") or {}
-    if threshold.get("method", "f1_max") not in THRESHOLD_METHODS:
-        _fail("threshold.method", threshold.get("method"), " or ".join(THRESHOLD_METHODS))
-    _check_fraction("threshold.fpr", threshold.get("fpr", 0.01), high_open=True)
+    check_threshold_config(cfg.get("threshold") or {})
     schedule = (cfg.get("callbacks") or {}).get("validation_schedule") or {}
     if "max_share" in schedule:
         _check_fraction(
             "callbacks.validation_schedule.max_share", schedule.max_share, low_open=True
         )
+
+
+def check_threshold_config(threshold) -> None:
+    """`threshold.method` one of THRESHOLD_METHODS, `threshold.fpr` in [0, 1)."""
+    if threshold.get("method", "fpr") not in THRESHOLD_METHODS:
+        _fail("threshold.method", threshold.get("method"), " or ".join(THRESHOLD_METHODS))
+    _check_fraction("threshold.fpr", threshold.get("fpr", 0.01), high_open=True)

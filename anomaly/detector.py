@@ -29,7 +29,7 @@ MIN_LEVEL_SPREAD = 1e-3
 
 
 def calibrate_threshold(
-    scores: Tensor, labels: Tensor, method: str = "f1_max", fpr: float = 0.01
+    scores: Tensor, labels: Tensor, method: str = "fpr", fpr: float = 0.01
 ) -> float:
     """The score from which an image is called anomalous (score >= threshold).
 
@@ -38,10 +38,11 @@ def calibrate_threshold(
     Args:
         scores: (N,) image scores.
         labels: (N,) 1 for anomalous, 0 for normal; at least one normal.
-        method: "f1_max": the anomalous score of the best F1 (the highest one on ties);
-            "fpr": the lowest threshold that calls at most a share `fpr` of the normal images
-            anomalous. Without anomalous images, "f1_max" falls back to "fpr" (it would call
-            everything anomalous).
+        method: "f1_max": the anomalous score of the best F1 (the highest one on ties), the
+            classes weighted alike (each anomalous image counts n_normal / n_anomalous), so the
+            number of synthetic copies per normal does not move it; "fpr": the lowest threshold
+            that calls at most a share `fpr` of the normal images anomalous. Without anomalous
+            images, "f1_max" falls back to "fpr" (it would call everything anomalous).
         fpr: the false-positive share of method "fpr", in [0, 1).
 
     Returns:
@@ -58,9 +59,10 @@ def calibrate_threshold(
     if method == "f1_max" and len(anomalous) > 0:
         # Every candidate is an anomalous score: any other threshold is beaten by the next
         # anomalous score above it (the same true positives, no more false ones).
+        weight = len(normal) / len(anomalous)
         true_pos = len(anomalous) - torch.searchsorted(anomalous, anomalous, right=False)
         false_pos = len(normal) - torch.searchsorted(normal, anomalous, right=False)
-        f1 = 2 * true_pos / (true_pos + false_pos + len(anomalous))
+        f1 = 2 * weight * true_pos / (weight * true_pos + false_pos + weight * len(anomalous))
         best = f1 == f1.max()
         return float(anomalous[best].max())
     # Just above the (k+1)-th highest normal score: at most k = floor(fpr * N) normals reach it.

@@ -67,8 +67,8 @@ class AnomalyModule(LightningModule):
         optimizer: partial optimizer, called with the parameters.
         name: model name written to metrics.json.
         pixel_thresholds: None for exact pixel metrics; an int bins them for fixed memory.
-        threshold: how the verdict threshold is calibrated on validation: `method` ("f1_max" or
-            "fpr") and `fpr` (see `calibrate_threshold`).
+        threshold: how the verdict threshold is calibrated on validation: `method` ("fpr", the
+            default, or "f1_max") and `fpr` (see `calibrate_threshold`).
         channels_last: keep the network's weights and the batches' images in the channels-last
             memory format (NHWC), which the CPU and GPU convolution kernels run fastest on; the
             results are the same.
@@ -85,7 +85,7 @@ class AnomalyModule(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.threshold = {"method": "f1_max", "fpr": 0.01, **(threshold or {})}
+        self.threshold = {"method": "fpr", "fpr": 0.01, **(threshold or {})}
         self.channels_last = channels_last
         if channels_last:
             # Kept through `.to(device)` and checkpoint loading (copies into these tensors).

@@ -11,8 +11,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.callbacks import ConfigInCheckpoint
 from anomaly.checkpoints import read_checkpoint, resume_path
-from anomaly.config_checks import check_training_config
+from anomaly.config_checks import check_threshold_config, check_training_config
 from anomaly.detector import AnomalyDetector
+from anomaly.errors import ConfigError
 from anomaly.metrics import METRIC_KEYS
 from anomaly.module import AnomalyModule
 from anomaly.objective import ReconstructionLoss
@@ -125,6 +126,20 @@ def data_for_eval(saved: dict, changes: DictConfig) -> DictConfig:
     return data
 
 
+def threshold_for_eval(saved: dict | None, cfg: DictConfig) -> dict | None:
+    """The checkpoint's threshold setting with the keys `cfg.threshold` sets (not null)
+    replaced; they need `recalibrate`, since only a validation calibrates the threshold."""
+    changes = {k: v for k, v in (cfg.get("threshold") or {}).items() if v is not None}
+    if not changes:
+        return saved
+    if not cfg.get("recalibrate", False):
+        keys = ", ".join(f"threshold.{key}" for key in changes)
+        raise ConfigError(f"{keys} takes effect only with recalibrate=true")
+    merged = {**(saved or {}), **changes}
+    check_threshold_config(merged)
+    return merged
+
+
 @isolated_job
 def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
@@ -137,6 +152,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """
     path = Path(cfg.ckpt_path)
     saved = read_checkpoint(path)["config"]
+    threshold = threshold_for_eval(saved.get("threshold"), cfg)
     with open_dict(cfg):
         cfg.model = OmegaConf.create(saved["model"])
         cfg.data = data_for_eval(saved["data"], cfg.data)
@@ -144,7 +160,6 @@ def evaluate(cfg: DictConfig) -> dict:
     save_run_settings(cfg)
     L.seed_everything(saved["seed"], workers=True)
     datamodule = instantiate(cfg.data)
-    threshold = saved.get("threshold")
     model = build_module(cfg.model, OmegaConf.create(threshold) if threshold else None)
     trainer = None
     try:

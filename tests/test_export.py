@@ -58,6 +58,8 @@ def test_residual_ae_graph_matches_pytorch_at_any_batch_and_image_size(tmp_path)
     torch.manual_seed(0)
     detector = build_detector(model_config("residual_ae")).eval()
     detector.set_normal_statistics(torch.rand(32, 32) * 0.1, torch.rand(32, 32) * 0.1 + 0.05)
+    assert detector.normalize_levels  # the graph matches each image's levels too
+    detector.set_reference_levels(0.45, 0.2)
     pipeline = ImagePipeline(detector, (32, 32))
     with torch.inference_mode():
         check = pipeline(export.check_batch((32, 32)))[1]

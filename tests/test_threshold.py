@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -22,13 +23,16 @@ def scored(seed: int, n: int = 80, ties: bool = False) -> tuple[torch.Tensor, to
 
 
 def brute_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The highest threshold of the best F1 over every distinct score, one at a time."""
+    """The highest threshold of the best F1 over every distinct score, one at a time, with the
+    anomalous images repeated so that both classes count alike (by fractions, written out)."""
     best, chosen = -1.0, math.nan
+    normals, anomalies = int((labels == 0).sum()), int((labels == 1).sum())
     for threshold in sorted(set(scores.tolist())):
         called = scores >= threshold
-        tp = int((called & (labels == 1)).sum())
+        tp = Fraction(int((called & (labels == 1)).sum()) * normals, anomalies)
         fp = int((called & (labels == 0)).sum())
-        f1 = 2 * tp / (tp + fp + int((labels == 1).sum()))
+        fn = normals - tp
+        f1 = 2 * tp / (2 * tp + fp + fn)
         if f1 >= best:
             best, chosen = f1, threshold
     return chosen

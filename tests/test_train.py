@@ -55,6 +55,12 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+def csv_threshold(run_dir: Path) -> str:
+    """The last `val/threshold` a run logged."""
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return [row["val/threshold"] for row in csv.DictReader(handle) if row["val/threshold"]][-1]
+
+
 def check_outputs(run_dir: Path, model: str) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) >= set(METRIC_KEYS)
@@ -110,6 +116,16 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
         again = json.loads((again_dir / "metrics.json").read_text())
         assert all(again[key] == pytest.approx(metrics[key], abs=1e-6) for key in METRIC_KEYS)
         assert "val/threshold" in (again_dir / "csv" / "metrics.csv").read_text()
+        # A threshold setting of its own replaces the checkpoint's, and needs a recalibration.
+        loose_dir = tmp_path / "loose"
+        loose = [f"ckpt_path={best[0]}", f"hydra.run.dir={loose_dir}", "threshold.fpr=0.5"]
+        refused = run("eval.py", *loose)
+        assert refused.returncode != 0 and not (loose_dir / "metrics.json").exists()
+        assert "threshold.fpr takes effect only with recalibrate=true" in refused.stderr
+        done = run("eval.py", *loose, "recalibrate=true", "threshold.method=fpr")
+        assert done.returncode == 0, done.stderr[-3000:]
+        thresholds = [float(csv_threshold(folder)) for folder in (again_dir, loose_dir)]
+        assert thresholds[1] < thresholds[0]  # half the held-out normals may reach it
         # The same checkpoint on another, real-layout category: its data keys replace the saved.
         write_tree(tmp_path / "real", category="widget")
         other_dir = tmp_path / "other"
