@@ -122,11 +122,26 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path, data_dir):
     assert "${" not in resolved and "seed: 3" in resolved
 
 
+def as_in_a_terminal() -> None:
+    """Ctrl+C's default action, as a job in the foreground of a terminal has it.
+
+    A job that a non-interactive shell starts in the background (`pytest ... &` in a script)
+    ignores SIGINT, and its children inherit that: train.py would then train on through the
+    signal and exit 0.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_train(overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "train.py"), *overrides]
     return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=as_in_a_terminal,
     )
 
 
@@ -161,14 +176,7 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, data_dir):
     assert metrics_of(tmp_path / "continued") == metrics_of(whole)
 
 
-# The Ctrl+C case exited 0 in both clean-clone CI runs of 2026-12-02 (second session) and passed
-# in every run in the development checkout, alone or with its module: open, under investigation.
-SIGINT_IN_CI = pytest.mark.xfail(
-    reason="exited 0 after SIGINT in clean-clone CI runs; not reproduced locally", strict=False
-)
-
-
-@pytest.mark.parametrize("stop", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=SIGINT_IN_CI)])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_without_results_and_a_rerun_in_the_same_folder_resumes(
     tmp_path, data_dir, stop
 ):
