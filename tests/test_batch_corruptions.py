@@ -4,10 +4,12 @@ statistics; the DataModule's `device=model` path end to end."""
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from anomaly.anomaly_map import AnomalyMap
@@ -168,6 +170,37 @@ def test_the_same_statistics_as_the_per_sample_path(monkeypatch, texture_prob, e
     assert np.median(batch_areas) == pytest.approx(np.median(sample_areas), rel=0.5)
 
 
+def test_region_centres_lie_in_the_foreground_asked_for():
+    # Small single blobs centred in a 6 x 6 corner square stay near it; unconstrained ones do not.
+    where = torch.zeros(40, 1, 64, 64, dtype=torch.bool)
+    where[..., 4:10, 50:56] = True
+    near = F.max_pool2d(where.float(), 31, stride=1, padding=15).bool()
+    small = dict(area_range=(0.002, 0.002), max_blobs=1)
+    placed, _, _ = blob_regions(torch.Generator().manual_seed(0), 40, 64, 64, **small, where=where)
+    assert placed.flatten(1).any(dim=1).all() and not (placed & ~near).any()
+    anywhere, _, _ = blob_regions(torch.Generator().manual_seed(0), 40, 64, 64, **small)
+    assert int((anywhere & ~near).flatten(1).any(dim=1).sum()) > 20
+
+
+def test_on_object_prob_sets_the_share_of_corruptions_on_the_object(bank):
+    images = torch.rand(32, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    foreground = torch.zeros(32, 1, 48, 48, dtype=torch.bool)
+    foreground[..., :12] = True  # a quarter of each image
+    shares = []
+    for on_object_prob in (0.0, 0.5, 1.0):
+        generator = torch.Generator().manual_seed(1)
+        corrupted, mask = corrupt_batch(
+            images, generator, bank, 1.0, 0.5, 0.5, on_object_prob, foreground
+        )
+        assert_exact(images, corrupted, mask)
+        changed = mask.bool()
+        shares.append(float((changed & foreground).sum() / changed.sum()))
+    # Anywhere, about the object's quarter of the changed pixels; on it, most of them.
+    assert shares[0] < 0.35 < shares[1] < 0.65 < shares[2]
+    with pytest.raises(ValueError, match="on_object_prob > 0 needs a .B, 1, H, W. foreground"):
+        corrupt_batch(images, torch.Generator(), bank, 1.0, 0.5, 0.5, 1.0, None)
+
+
 def test_texture_bank_from_dtd_files_and_procedural(tmp_path):
     rng = np.random.default_rng(0)
     for index, shape in enumerate([(40, 70, 3), (90, 30, 3)]):
@@ -201,6 +234,47 @@ def test_datamodule_corrupts_training_batches_on_the_device(tiny_tree):
     batch = next(iter(in_loader.train_dataloader()))
     assert batch["mask"].flatten(1).any(dim=1).all()
     assert in_loader.corrupt_on_device(batch)["input"] is batch["input"]
+
+
+def write_objects(root: Path, count: int = 40, size: int = 48) -> Path:
+    """A `widget` category: a textured square object on a plain backdrop, one test defect."""
+    rng = np.random.default_rng(0)
+    base = root / "widget"
+    paths = [base / "train" / "good" / f"{index:03d}.png" for index in range(count)]
+    paths += [base / "test" / "good" / "000.png", base / "test" / "dent" / "000.png"]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((size, size, 3), 40, np.uint8)
+        pixels[12:36, 12:36] = rng.integers(150, 255, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+    mask = np.zeros((size, size), np.uint8)
+    mask[16:20, 16:20] = 255
+    (base / "ground_truth" / "dent").mkdir(parents=True)
+    Image.fromarray(mask, "L").save(base / "ground_truth" / "dent" / "000_mask.png")
+    return root
+
+
+@pytest.mark.parametrize("device", ["loader", "model"])
+def test_training_corruptions_fall_on_the_object_when_asked(tmp_path, device):
+    root = write_objects(tmp_path)
+    shares = []
+    for on_object_prob in (0.0, 1.0):
+        corruption = {"prob": 1.0, "on_object_prob": on_object_prob, "device": device}
+        datamodule = AnomalyDataModule(
+            root=str(root), category="widget", image_size=48, batch_size=6, corruption=corruption
+        )
+        datamodule.setup("fit")
+        changed, on_object = 0, 0
+        for batch in datamodule.train_dataloader():
+            batch = datamodule.corrupt_on_device(batch)
+            assert ("foreground" in batch) == (device == "model" and on_object_prob > 0)
+            mask = batch["mask"].bool()
+            changed += int(mask.sum())
+            on_object += int(mask[..., 12:36, 12:36].sum())
+        shares.append(on_object / changed)
+    # The object is a quarter of the image, but warps change only textured pixels: anywhere, a
+    # third to a half of the changed pixels lie on it; centred on it, most of them.
+    assert shares[1] > 0.65 and shares[1] - shares[0] > 0.15
 
 
 def test_unknown_corruption_device_is_one_line():

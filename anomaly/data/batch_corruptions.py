@@ -136,8 +136,11 @@ def blob_regions(
     width: int,
     area_range: tuple[float, float] = AREA_RANGE,
     max_blobs: int = 3,
+    where: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`count` random blob regions, as `anomaly.data.corruptions.blob_mask` draws them.
+    """`count` random blob regions, as `anomaly.data.corruptions.blob_mask` draws them; with
+    `where` (bool ``(N, 1, H, W)``, a True pixel in each), the blobs' centres lie in its True
+    pixels.
 
     Returns:
         regions bool ``(N, 1, H, W)``, each with at least one pixel; depth float ``(N, 1, H, W)``,
@@ -156,8 +159,13 @@ def blob_regions(
     distance = None
     log_aspect = math.log(MAX_ASPECT)
     for blob in range(max_blobs):
-        centre_y = _uniform(generator, count, 0.0, height)
-        centre_x = _uniform(generator, count, 0.0, width)
+        if where is None:
+            centre_y = _uniform(generator, count, 0.0, height)
+            centre_x = _uniform(generator, count, 0.0, width)
+        else:
+            pixel = torch.multinomial(where.flatten(1).float(), 1, generator=generator)[:, 0]
+            centre_y = (pixel // width).float() + _uniform(generator, count, 0.0, 1.0)
+            centre_x = (pixel % width).float() + _uniform(generator, count, 0.0, 1.0)
         angle = _uniform(generator, count, 0.0, math.pi)
         elongation = _uniform(generator, count, -log_aspect, log_aspect).exp().sqrt()
         size = radius * _uniform(generator, count, 0.6, 1.4)
@@ -213,11 +221,13 @@ def _texture_crops(generator: torch.Generator, bank: Tensor, height: int, width:
     return F.grid_sample(bank.float().div_(255.0), grid, mode="bilinear", align_corners=False)
 
 
-def _texture(images: Tensor, generator: torch.Generator, bank: Tensor) -> tuple[Tensor, Tensor]:
+def _texture(
+    images: Tensor, generator: torch.Generator, bank: Tensor, where: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """A texture blended into a blob region of each image at opacity 0.2-1: the candidate
     images ``(N, 3, H, W)`` (the originals outside the regions) and the regions."""
     count, _, height, width = images.shape
-    region, _, _ = blob_regions(generator, count, height, width)
+    region, _, _ = blob_regions(generator, count, height, width, where=where)
     choice = torch.randint(bank.shape[0], (count,), generator=generator, device=generator.device)
     texture = _texture_crops(generator, bank[choice], height, width)
     opacity = _uniform(generator, count, 0.2, 1.0).view(-1, 1, 1, 1)
@@ -225,10 +235,12 @@ def _texture(images: Tensor, generator: torch.Generator, bank: Tensor) -> tuple[
     return torch.where(region, images.lerp(texture, opacity), images), region
 
 
-def _warp(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _warp(
+    images: Tensor, generator: torch.Generator, where: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """One elastic draw per image: the warped images and the blob regions."""
     count, _, height, width = images.shape
-    region, depth, radius = blob_regions(generator, count, height, width)
+    region, depth, radius = blob_regions(generator, count, height, width, where=where)
     top = depth.amax(dim=(2, 3), keepdim=True)
     ramp = depth.div_(0.5 * top).clamp_(0.0, 1.0)
     weight = ramp.square() * (3.0 - 2.0 * ramp)  # smoothstep: the warp fades in without a kink
@@ -250,11 +262,13 @@ def _warp(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return warped, region
 
 
-def _elastic(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _elastic(
+    images: Tensor, generator: torch.Generator, where: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """A smooth elastic warp inside a blob region of each image, redrawn (6 draws at most)
     until at least 5% of the region changes by more than 25 grey levels, as the per-sample path
     does: the candidate images (the originals outside the regions) and the regions."""
-    warped, region = _warp(images, generator)
+    warped, region = _warp(images, generator, where)
     pending = torch.arange(images.shape[0], device=images.device)
     clean, candidate, inside = images, warped, region
     for _ in range(ELASTIC_TRIES - 1):
@@ -264,7 +278,7 @@ def _elastic(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor
         if not retry.any():
             break
         pending, clean = pending[retry], clean[retry]
-        candidate, inside = _warp(clean, generator)
+        candidate, inside = _warp(clean, generator, None if where is None else where[pending])
         warped[pending], region[pending] = candidate, inside
     return torch.where(region, warped, images), region
 
@@ -276,9 +290,12 @@ def corrupt_batch(
     prob: float = 1.0,
     texture_prob: float = 0.5,
     elastic_prob: float = 0.5,
+    on_object_prob: float = 0.0,
+    foreground: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`anomaly.data.corruptions.corrupt` for a batch: each image is corrupted with chance `prob`
-    by a texture and/or an elastic warp, drawn independently and redrawn when neither comes up.
+    by a texture and/or an elastic warp, drawn independently and redrawn when neither comes up;
+    with chance `on_object_prob` its regions are centred on its object (`foreground`).
 
     Args:
         images: float ``(B, 3, H, W)`` in [0, 1].
@@ -287,6 +304,9 @@ def corrupt_batch(
         prob: Chance an image is corrupted.
         texture_prob: Probability of the texture corruption.
         elastic_prob: Probability of the elastic corruption.
+        on_object_prob: Chance an image's regions are centred in its `foreground` pixels.
+        foreground: bool ``(B, 1, H, W)``, each image's object (a True pixel in each); needed
+            when `on_object_prob` > 0.
 
     Returns:
         corrupted float ``(B, 3, H, W)`` and masks float ``(B, 1, H, W)`` in {0, 1} marking
@@ -298,6 +318,13 @@ def corrupt_batch(
     if texture_prob == 0.0 and elastic_prob == 0.0:
         return corrupted, mask
     pending = torch.nonzero(_uniform(generator, count, 0.0, 1.0) < prob).flatten()
+    where = None
+    if on_object_prob > 0:
+        if foreground is None or foreground.shape != mask.shape:
+            shape = None if foreground is None else tuple(foreground.shape)
+            raise ValueError(f"on_object_prob > 0 needs a (B, 1, H, W) foreground, got {shape}")
+        anywhere = _uniform(generator, count, 0.0, 1.0) >= on_object_prob
+        where = foreground.bool() | anywhere.view(-1, 1, 1, 1)
     # Texture only, both, elastic only: the independent draws given that one came up.
     odds = [
         texture_prob * (1 - elastic_prob),
@@ -316,13 +343,16 @@ def corrupt_batch(
         textured = int((kind <= 1).sum())
         warped = textured - int((kind == 1).sum())
         clean = images[pending]
+        inside = None if where is None else where[pending]
         candidate, region = clean.clone(), torch.zeros_like(mask[pending], dtype=torch.bool)
         if textured:
             candidate[:textured], region[:textured] = _texture(
-                candidate[:textured], generator, bank
+                candidate[:textured], generator, bank, None if inside is None else inside[:textured]
             )
         if warped < len(pending):
-            candidate[warped:], changed = _elastic(candidate[warped:], generator)
+            candidate[warped:], changed = _elastic(
+                candidate[warped:], generator, None if inside is None else inside[warped:]
+            )
             region[warped:] |= changed
         # The warp may move texture back over its own origin, so check against the original.
         region &= _max_channel_change(clean, candidate) > CHANGE_TOLERANCE
@@ -342,18 +372,29 @@ class BatchCorruption:
     """
 
     def __init__(
-        self, bank: Tensor, seed: int, prob: float, texture_prob: float, elastic_prob: float
+        self,
+        bank: Tensor,
+        seed: int,
+        prob: float,
+        texture_prob: float,
+        elastic_prob: float,
+        on_object_prob: float = 0.0,
     ) -> None:
         self.bank, self.seed = bank, seed
         self.prob, self.texture_prob, self.elastic_prob = prob, texture_prob, elastic_prob
+        self.on_object_prob = on_object_prob
 
-    def __call__(self, images: Tensor, sample_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, images: Tensor, sample_ids: Tensor, foreground: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Corrupt one batch.
 
         Args:
             images: clean float ``(B, 3, H, W)`` in [0, 1].
             sample_ids: ``(B,)`` ints naming the batch's draws (the training set's epoch-encoded
                 indices), so a batch's corruptions reproduce whatever order batches come in.
+            foreground: bool ``(B, 1, H, W)``, the images' objects; needed when
+                `on_object_prob` > 0.
 
         Returns:
             corrupted images and masks, as `corrupt_batch`.
@@ -367,6 +408,10 @@ class BatchCorruption:
         part = len(images)
         if images.device.type == "cpu":
             part = max(1, CPU_CHUNK_PIXELS // (height * width))
-        probs = (self.prob, self.texture_prob, self.elastic_prob)
-        parts = [corrupt_batch(chunk, generator, self.bank, *probs) for chunk in images.split(part)]
+        probs = (self.prob, self.texture_prob, self.elastic_prob, self.on_object_prob)
+        objects = [None] * len(images.split(part)) if foreground is None else foreground.split(part)
+        parts = [
+            corrupt_batch(chunk, generator, self.bank, *probs, objects_of_chunk)
+            for chunk, objects_of_chunk in zip(images.split(part), objects, strict=True)
+        ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

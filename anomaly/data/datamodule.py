@@ -67,7 +67,9 @@ class AnomalyDataModule(LightningDataModule):
         dtd_root: DTD-layout texture folder for the corruptions; None for procedural textures.
         corruption: the model objective's corruption of training images (`model.objective`):
             `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
-            `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`), and `device`:
+            `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`),
+            `on_object_prob` (chance a corruption is centred on the object, as the validation
+            anomalies are; anywhere otherwise), and `device`:
             "loader" corrupts each sample in the loader workers, "model" whole batches on the
             training device (`anomaly.data.batch_corruptions`).
         augment: light augmentation of training images: `shift` (fraction of the size),
@@ -116,7 +118,13 @@ class AnomalyDataModule(LightningDataModule):
         self.seed, self.val_fraction, self.dtd_root = seed, val_fraction, dtd_root
         self.val_corrupted_copies = val_corrupted_copies
         self.val_anomalies_on_object = val_anomalies_on_object
-        corruption = {"prob": 0.0, "texture_prob": 0.5, "elastic_prob": 0.5, **(corruption or {})}
+        corruption = {
+            "prob": 0.0,
+            "texture_prob": 0.5,
+            "elastic_prob": 0.5,
+            "on_object_prob": 0.0,
+            **(corruption or {}),
+        }
         self.corruption_device = corruption.pop("device", "loader")
         if self.corruption_device not in CORRUPTION_DEVICES:
             raise ConfigError(
@@ -181,12 +189,15 @@ class AnomalyDataModule(LightningDataModule):
         prob = float(self.corruption["prob"])
         texture_prob = float(self.corruption["texture_prob"])
         elastic_prob = float(self.corruption["elastic_prob"])
+        on_object_prob = float(self.corruption["on_object_prob"])
+        with_foreground = False
         if self.corruption_device == "model" and prob > 0:
             bank = texture_bank(textures, max(as_pair(self.image_size)), self.seed)
             self.batch_corruption = BatchCorruption(
-                bank, self.seed, prob, texture_prob, elastic_prob
+                bank, self.seed, prob, texture_prob, elastic_prob, on_object_prob
             )
-            prob = 0.0  # the loader hands over clean images
+            prob = 0.0  # the loader hands over clean images, with their objects' masks
+            with_foreground = on_object_prob > 0
         self.train_set = TrainDataset(
             MVTecDataset(train_records, self.image_size),
             self.seed,
@@ -195,6 +206,8 @@ class AnomalyDataModule(LightningDataModule):
             texture_prob,
             elastic_prob,
             build_augmentation(**self.augment),
+            on_object_prob,
+            with_foreground,
         )
         self.val_set = ValidationDataset(
             MVTecDataset(val_records, self.image_size),
@@ -225,14 +238,17 @@ class AnomalyDataModule(LightningDataModule):
 
         Args:
             batch: a collated batch after its transfer to the training device; training batches
-                hold `image` (B, 3, H, W) and `draw` (B,).
+                hold `image` (B, 3, H, W) and `draw` (B,), and `foreground` (B, 1, H, W) when
+                corruptions fall on the object.
 
         Returns:
             the batch, its `input` and `mask` replaced by the corrupted images and their masks.
         """
         if self.batch_corruption is None or "draw" not in batch:
             return batch
-        batch["input"], batch["mask"] = self.batch_corruption(batch["image"], batch["draw"])
+        batch["input"], batch["mask"] = self.batch_corruption(
+            batch["image"], batch["draw"], batch.get("foreground")
+        )
         return batch
 
     def _rank_and_world(self) -> tuple[int, int]:

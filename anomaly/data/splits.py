@@ -11,6 +11,7 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from anomaly.data.corruptions import corrupt
@@ -47,7 +48,10 @@ class TrainDataset(Dataset):
 
     Indexed by `epoch * len(images) + index` (see EpochSampler). A sample holds `input` (what the
     network sees, corrupted or clean), `image` (the clean target), `mask` (corrupted pixels) and
-    `draw` (the index, which seeds corruptions applied later to the whole batch).
+    `draw` (the index, which seeds corruptions applied later to the whole batch). A corruption
+    is centred on the object (`foreground_mask` of the augmented image) with chance
+    `on_object_prob`, anywhere otherwise; with `with_foreground` the sample also holds that
+    mask as `foreground` (1, H, W), for corruptions applied later to the batch.
     """
 
     def __init__(
@@ -59,10 +63,13 @@ class TrainDataset(Dataset):
         texture_prob: float,
         elastic_prob: float,
         augmentation: A.Compose | None,
+        on_object_prob: float = 0.0,
+        with_foreground: bool = False,
     ) -> None:
         self.images, self.seed, self.textures = images, seed, textures
         self.corruption_prob, self.texture_prob = corruption_prob, texture_prob
         self.elastic_prob, self.augmentation = elastic_prob, augmentation
+        self.on_object_prob, self.with_foreground = on_object_prob, with_foreground
 
     def __len__(self) -> int:
         return len(self.images)
@@ -77,12 +84,17 @@ class TrainDataset(Dataset):
         clean = image.astype(np.float32) / 255.0
         corrupted, mask = clean, np.zeros(clean.shape[:2], dtype=np.float32)
         if rng.random() < self.corruption_prob:
+            # Drawn only when it can come up, so runs without it keep their random streams.
+            on_object = self.on_object_prob > 0 and rng.random() < self.on_object_prob
+            where = foreground_mask(clean) if on_object else None
             corrupted, mask = corrupt(
-                clean, rng, self.textures, self.texture_prob, self.elastic_prob
+                clean, rng, self.textures, self.texture_prob, self.elastic_prob, where=where
             )
         record = self.images.records[index]
         sample = make_sample(clean, mask, 0, record.defect_type, str(record.path))
         sample["input"] = make_sample(corrupted, mask, 0, "", "")["image"]
+        if self.with_foreground:
+            sample["foreground"] = torch.from_numpy(foreground_mask(clean))[None]
         sample["draw"] = encoded_index  # seeds the batch's corruptions on the device
         return sample
 
