@@ -142,15 +142,18 @@ class OutputFolderCheck(HydraCallback):
     before Hydra itself tries to (with a traceback)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.run.dir)
+        self._check(config, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.sweep.dir)
+        self._check(config, "sweep")
 
     @staticmethod
-    def _check(folder: str) -> None:
+    def _check(config: DictConfig, kind: str) -> None:
+        # The default folders read `hydra:runtime.cwd`, which resolves only once Hydra's own
+        # config is set; Hydra sets it after this callback, so set it here first.
+        HydraConfig.instance().set_config(config)
         try:
-            check_writable(Path(folder))
+            check_writable(Path(config.hydra[kind].dir))
         except RunFolderError as error:
             sys.exit(f"error: {error}")
 

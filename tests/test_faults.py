@@ -85,6 +85,19 @@ def test_a_read_only_output_folder_is_one_line_before_anything_runs(data_dir):
     assert f"error: {READ_ONLY}: output folder cannot be written" in error
 
 
+@pytest.mark.skipif(not cannot_create(READ_ONLY), reason="no read-only /sys here")
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "multirun"])
+def test_the_default_output_folder_is_checked_before_anything_runs(sweep):
+    # Started in a read-only folder, the default folder (logs/ under it) cannot be made; the
+    # default reads hydra:runtime.cwd, which the check must resolve rather than skip.
+    started_in = READ_ONLY.parent
+    done = run("train.py", *(["-m", "seed=0,1"] if sweep else []), cwd=started_in)
+    error = one_line_error(done)
+    folder = started_in / "logs" / "train" / ("multiruns" if sweep else "runs")
+    assert error.startswith(f"error: {folder}/") and "output folder cannot be written" in error
+    assert "HydraConfig was not set" not in done.stderr
+
+
 def test_a_handful_of_normal_images_still_gives_finite_scores(tmp_path):
     # 6 normal images: 3 held out for the normal-map statistics (at least), 3 to train on.
     write_tree(tmp_path / "data", num_train=6, num_good=3, size=(32, 32))

@@ -44,10 +44,12 @@ def tiny_settings(data_dir: Path, run_dir: Path | None, changes: dict | None = N
     return [f"paths.data_dir={data_dir}", *folder, *overrides]
 
 
-def run(script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    script: str, *overrides: str, env: dict | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     command = [sys.executable, str(ROOT / script), *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
