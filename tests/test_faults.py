@@ -85,7 +85,9 @@ def test_a_read_only_output_folder_is_one_line_before_anything_runs(data_dir):
     assert f"error: {READ_ONLY}: output folder cannot be written" in error
 
 
-@pytest.mark.skipif(not cannot_create(READ_ONLY), reason="no read-only /sys here")
+@pytest.mark.skipif(
+    not READ_ONLY.parent.is_dir() or not cannot_create(READ_ONLY), reason="no read-only /sys here"
+)
 @pytest.mark.parametrize("sweep", [False, True], ids=["run", "multirun"])
 def test_the_default_output_folder_is_checked_before_anything_runs(sweep):
     # Started in a read-only folder, the default folder (logs/ under it) cannot be made; the
