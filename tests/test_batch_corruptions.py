@@ -277,6 +277,31 @@ def test_training_corruptions_fall_on_the_object_when_asked(tmp_path, device):
     assert shares[1] > 0.65 and shares[1] - shares[0] > 0.15
 
 
+@pytest.mark.parametrize("device", ["loader", "model"])
+def test_kept_noise_is_the_same_on_input_and_target(tmp_path, device):
+    root = write_objects(tmp_path)
+
+    def first_batch(noise_std: float) -> dict:
+        corruption = {"prob": 0.8, "noise_std": noise_std, "device": device}
+        datamodule = AnomalyDataModule(
+            root=str(root), category="widget", image_size=48, batch_size=6, corruption=corruption
+        )
+        datamodule.setup("fit")
+        return datamodule.corrupt_on_device(next(iter(datamodule.train_dataloader())))
+
+    plain, noisy = first_batch(0.0), first_batch(0.05)
+    # The corruptions are drawn as without noise; the noise comes on top of input and target.
+    assert torch.equal(noisy["mask"], plain["mask"])
+    assert plain["mask"].sum() > 0
+    added = noisy["image"] - plain["image"]
+    outside = ~plain["mask"].bool().expand_as(added)
+    assert torch.equal(noisy["input"][outside], noisy["image"][outside])
+    # Away from the clipped ends (backdrop level 40 of 255), the noise is the asked deviation.
+    free = (plain["image"] > 0.2) & (plain["image"] < 0.8)
+    assert added[free].std() == pytest.approx(0.05, rel=0.1)
+    assert abs(float(added[free].mean())) < 0.005
+
+
 def test_unknown_corruption_device_is_one_line():
     with pytest.raises(ConfigError, match="data.corruption.device must be one of loader, model"):
         AnomalyDataModule(root="x", corruption={"device": "gpu"})

@@ -48,6 +48,8 @@ PROCEDURAL_BANK = 256
 # On the CPU a batch is corrupted in parts of at most this many pixels, which keep each pass in
 # the cache (1.2x faster at 256 px on this project's 2-core machine); a GPU takes it whole.
 CPU_CHUNK_PIXELS = 2**18
+# Seeds the kept noise apart from the corruptions of the same samples.
+NOISE_STREAM = 2_000_003
 
 
 def texture_bank(source: TextureSource, size: int, seed: int) -> Tensor:
@@ -368,7 +370,8 @@ class BatchCorruption:
     Args:
         bank: uint8 textures ``(T, 3, S, S)`` (`texture_bank`); moved to the batches' device once.
         seed: The run's seed; each batch's generator is seeded from it and the batch's samples.
-        prob, texture_prob, elastic_prob: as `corrupt_batch`.
+        prob, texture_prob, elastic_prob, on_object_prob: as `corrupt_batch`.
+        noise_std: deviation of the Gaussian noise `add_kept_noise` puts on input and target.
     """
 
     def __init__(
@@ -379,10 +382,27 @@ class BatchCorruption:
         texture_prob: float,
         elastic_prob: float,
         on_object_prob: float = 0.0,
+        noise_std: float = 0.0,
     ) -> None:
         self.bank, self.seed = bank, seed
         self.prob, self.texture_prob, self.elastic_prob = prob, texture_prob, elastic_prob
-        self.on_object_prob = on_object_prob
+        self.on_object_prob, self.noise_std = on_object_prob, noise_std
+
+    def _generator(self, sample_ids: Tensor, device: torch.device, *stream: int) -> torch.Generator:
+        words = [self.seed, *stream, *(int(i) for i in sample_ids.tolist())]
+        seed = int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def add_kept_noise(
+        self, images: Tensor, corrupted: Tensor, sample_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """`anomaly.data.corruptions.add_kept_noise` for a batch, seeded apart from the
+        corruptions by the batch's samples: the noisy targets and the noisy inputs."""
+        generator = self._generator(sample_ids, images.device, NOISE_STREAM)
+        noise = torch.randn(
+            images.shape, generator=generator, device=images.device, dtype=images.dtype
+        ).mul_(self.noise_std)
+        return (images + noise).clamp_(0.0, 1.0), (corrupted + noise).clamp_(0.0, 1.0)
 
     def __call__(
         self, images: Tensor, sample_ids: Tensor, foreground: Tensor | None = None
@@ -401,9 +421,7 @@ class BatchCorruption:
         """
         if self.bank.device != images.device:
             self.bank = self.bank.to(images.device)
-        words = [self.seed, *(int(i) for i in sample_ids.tolist())]
-        seed = int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
-        generator = torch.Generator(device=images.device).manual_seed(seed)
+        generator = self._generator(sample_ids, images.device)
         height, width = images.shape[2:]
         part = len(images)
         if images.device.type == "cpu":

@@ -51,6 +51,21 @@ ELASTIC_TRIES = 6
 CORRUPT_TRIES = 10
 
 
+def add_kept_noise(
+    rng: np.random.Generator, clean: np.ndarray, corrupted: np.ndarray, std: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same Gaussian noise of deviation `std` on a training pair: the target keeps the noise
+    the input has, so the network learns to pass fine detail through and to repair only the
+    corruption (identity-anchored noise: Bauer and Müller, "Noise & Pattern", arXiv 2511.07233,
+    2025). Both are clipped to [0, 1]; the corruption mask is unchanged.
+
+    Returns:
+        the noisy clean image (the target) and the noisy corrupted image (the input).
+    """
+    noise = rng.normal(0.0, std, clean.shape).astype(np.float32)
+    return np.clip(clean + noise, 0.0, 1.0), np.clip(corrupted + noise, 0.0, 1.0)
+
+
 def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         shape = getattr(image, "shape", None)

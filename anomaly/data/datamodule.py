@@ -69,7 +69,8 @@ class AnomalyDataModule(LightningDataModule):
             `prob` (chance a training sample is corrupted; 0 trains a plain autoencoder),
             `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`),
             `on_object_prob` (chance a corruption is centred on the object, as the validation
-            anomalies are; anywhere otherwise), and `device`:
+            anomalies are; anywhere otherwise), `noise_std` (Gaussian noise on every training
+            input, kept in its target: `anomaly.data.corruptions.add_kept_noise`), and `device`:
             "loader" corrupts each sample in the loader workers, "model" whole batches on the
             training device (`anomaly.data.batch_corruptions`).
         augment: light augmentation of training images: `shift` (fraction of the size),
@@ -123,6 +124,7 @@ class AnomalyDataModule(LightningDataModule):
             "texture_prob": 0.5,
             "elastic_prob": 0.5,
             "on_object_prob": 0.0,
+            "noise_std": 0.0,
             **(corruption or {}),
         }
         self.corruption_device = corruption.pop("device", "loader")
@@ -190,13 +192,15 @@ class AnomalyDataModule(LightningDataModule):
         texture_prob = float(self.corruption["texture_prob"])
         elastic_prob = float(self.corruption["elastic_prob"])
         on_object_prob = float(self.corruption["on_object_prob"])
+        noise_std = float(self.corruption["noise_std"])
         with_foreground = False
-        if self.corruption_device == "model" and prob > 0:
+        if self.corruption_device == "model" and (prob > 0 or noise_std > 0):
             bank = texture_bank(textures, max(as_pair(self.image_size)), self.seed)
             self.batch_corruption = BatchCorruption(
-                bank, self.seed, prob, texture_prob, elastic_prob, on_object_prob
+                bank, self.seed, prob, texture_prob, elastic_prob, on_object_prob, noise_std
             )
-            prob = 0.0  # the loader hands over clean images, with their objects' masks
+            # The loader hands over clean images, with their objects' masks.
+            prob, noise_std = 0.0, 0.0
             with_foreground = on_object_prob > 0
         self.train_set = TrainDataset(
             MVTecDataset(train_records, self.image_size),
@@ -208,6 +212,7 @@ class AnomalyDataModule(LightningDataModule):
             build_augmentation(**self.augment),
             on_object_prob,
             with_foreground,
+            noise_std,
         )
         self.val_set = ValidationDataset(
             MVTecDataset(val_records, self.image_size),
@@ -242,13 +247,19 @@ class AnomalyDataModule(LightningDataModule):
                 corruptions fall on the object.
 
         Returns:
-            the batch, its `input` and `mask` replaced by the corrupted images and their masks.
+            the batch, its `input` and `mask` replaced by the corrupted images and their masks
+            (and with `noise_std`, `input` and `image` carrying the same noise).
         """
         if self.batch_corruption is None or "draw" not in batch:
             return batch
-        batch["input"], batch["mask"] = self.batch_corruption(
+        corruption = self.batch_corruption
+        batch["input"], batch["mask"] = corruption(
             batch["image"], batch["draw"], batch.get("foreground")
         )
+        if corruption.noise_std > 0:
+            batch["image"], batch["input"] = corruption.add_kept_noise(
+                batch["image"], batch["input"], batch["draw"]
+            )
         return batch
 
     def _rank_and_world(self) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from anomaly.data.corruptions import corrupt
+from anomaly.data.corruptions import add_kept_noise, corrupt
 from anomaly.data.foreground import foreground_mask
 from anomaly.data.mvtec import MVTecDataset, make_sample
 from anomaly.data.textures import TextureSource
@@ -51,7 +51,8 @@ class TrainDataset(Dataset):
     `draw` (the index, which seeds corruptions applied later to the whole batch). A corruption
     is centred on the object (`foreground_mask` of the augmented image) with chance
     `on_object_prob`, anywhere otherwise; with `with_foreground` the sample also holds that
-    mask as `foreground` (1, H, W), for corruptions applied later to the batch.
+    mask as `foreground` (1, H, W), for corruptions applied later to the batch. With
+    `noise_std` > 0, input and target carry the same Gaussian noise (`add_kept_noise`).
     """
 
     def __init__(
@@ -65,8 +66,10 @@ class TrainDataset(Dataset):
         augmentation: A.Compose | None,
         on_object_prob: float = 0.0,
         with_foreground: bool = False,
+        noise_std: float = 0.0,
     ) -> None:
         self.images, self.seed, self.textures = images, seed, textures
+        self.noise_std = noise_std
         self.corruption_prob, self.texture_prob = corruption_prob, texture_prob
         self.elastic_prob, self.augmentation = elastic_prob, augmentation
         self.on_object_prob, self.with_foreground = on_object_prob, with_foreground
@@ -90,11 +93,14 @@ class TrainDataset(Dataset):
             corrupted, mask = corrupt(
                 clean, rng, self.textures, self.texture_prob, self.elastic_prob, where=where
             )
+        foreground = foreground_mask(clean) if self.with_foreground else None
+        if self.noise_std > 0:
+            clean, corrupted = add_kept_noise(rng, clean, corrupted, self.noise_std)
         record = self.images.records[index]
         sample = make_sample(clean, mask, 0, record.defect_type, str(record.path))
         sample["input"] = make_sample(corrupted, mask, 0, "", "")["image"]
-        if self.with_foreground:
-            sample["foreground"] = torch.from_numpy(foreground_mask(clean))[None]
+        if foreground is not None:
+            sample["foreground"] = torch.from_numpy(foreground)[None]
         sample["draw"] = encoded_index  # seeds the batch's corruptions on the device
         return sample
 
