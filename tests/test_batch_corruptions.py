@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -300,6 +301,34 @@ def test_kept_noise_is_the_same_on_input_and_target(tmp_path, device):
     free = (plain["image"] > 0.2) & (plain["image"] < 0.8)
     assert added[free].std() == pytest.approx(0.05, rel=0.1)
     assert abs(float(added[free].mean())) < 0.005
+
+
+def test_training_scratches_reach_the_loader_batches(tmp_path):
+    root = write_objects(tmp_path)
+
+    def thin_share(scratch_prob: float) -> float:
+        """The share of the changed pixels that a 5 x 5 opening removes (thin lines)."""
+        corruption = {"prob": 1.0, "on_object_prob": 1.0, "scratch_prob": scratch_prob}
+        datamodule = AnomalyDataModule(
+            root=str(root), category="widget", image_size=48, batch_size=6, corruption=corruption
+        )
+        datamodule.setup("fit")
+        masks = next(iter(datamodule.train_dataloader()))["mask"][:, 0].numpy().astype(np.uint8)
+        kernel = np.ones((5, 5), np.uint8)
+        opened = sum(int(cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel).sum()) for m in masks)
+        return 1 - opened / masks.sum()
+
+    assert thin_share(1.0) > 0.9 > 0.5 > thin_share(0.0)
+
+
+def test_scratches_on_the_device_are_refused_in_one_line(tmp_path):
+    root = write_objects(tmp_path)
+    corruption = {"prob": 0.8, "scratch_prob": 0.3, "device": "model"}
+    datamodule = AnomalyDataModule(
+        root=str(root), category="widget", image_size=48, corruption=corruption
+    )
+    with pytest.raises(ConfigError, match="scratch_prob > 0 needs data.corruption.device=loader"):
+        datamodule.setup("fit")
 
 
 def test_unknown_corruption_device_is_one_line():

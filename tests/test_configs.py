@@ -72,11 +72,16 @@ def test_model_configs_configure_the_model_only():
 
 @pytest.mark.parametrize("model", MODELS)
 def test_the_model_objective_sets_the_corruption_and_the_selection(model):
-    cfg = composed([f"model={model}", "model.objective.corruption.prob=0.3"])
-    assert cfg.data.corruption.prob == 0.3
-    assert instantiate(cfg.data).corruption["prob"] == 0.3
-    expected = "val/loss" if model == "sdc_ccm" else "val/pixel_aupro"
-    assert cfg.callbacks.model_checkpoint.monitor == expected
+    changes = ["model.objective.corruption.prob=0.3", "model.objective.corruption.scratch_prob=0.2"]
+    cfg = composed([f"model={model}", *changes])
+    assert cfg.data.corruption.prob == 0.3 and cfg.data.corruption.scratch_prob == 0.2
+    corruption = instantiate(cfg.data).corruption
+    assert corruption["prob"] == 0.3 and corruption["scratch_prob"] == 0.2
+    # Both models keep the lowest restoration loss of the held-out normals by default.
+    assert cfg.callbacks.model_checkpoint.monitor == "val/loss"
+    assert cfg.callbacks.model_checkpoint.mode == "min"
+    cfg = composed([f"model={model}", "model.selection.monitor=val/pixel_aupro"])
+    assert cfg.callbacks.model_checkpoint.monitor == "val/pixel_aupro"
 
 
 def test_eval_config_holds_only_what_eval_uses():

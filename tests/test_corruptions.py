@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly.data.corruptions import CHANGE_TOLERANCE, blob_mask, corrupt
+from anomaly.data.corruptions import CHANGE_TOLERANCE, blob_mask, corrupt, scratch_mask
 from anomaly.data.textures import TextureSource
 from anomaly.errors import DatasetError
 
@@ -254,6 +254,45 @@ def test_subtle_corruptions_are_smaller_and_fainter(textures: TextureSource) -> 
     assert np.mean([c for _, c in subtle]) < np.mean([c for _, c in plain])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_scratch_corruption_exact_mask(textures: TextureSource, seed: int) -> None:
+    for image in (random_image(seed), object_image()):
+        rng = np.random.default_rng(seed)
+        corrupted, mask = corrupt(image, rng, textures, scratch_prob=1.0)
+        assert_valid_output(image, corrupted, mask)
+
+
+def test_scratches_are_thin_lines() -> None:
+    # Long and thin: the mask's area is small against its extent, and an opening with a 5 x 5
+    # square (which keeps any blob 5 pixels wide) removes nearly all of it.
+    for seed in range(20):
+        mask = scratch_mask(np.random.default_rng(seed), 128, 128)
+        assert mask.any() and mask.mean() < 0.03
+        opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+        assert opened.sum() <= 0.1 * mask.sum()
+        ys, xs = np.nonzero(mask)
+        assert max(np.ptp(ys), np.ptp(xs)) >= 0.04 * 128
+
+
+def test_scratches_stay_where_asked() -> None:
+    where = np.zeros((64, 64), bool)
+    where[20:44, 10:54] = True
+    for seed in range(20):
+        mask = scratch_mask(np.random.default_rng(seed), 64, 64, where=where)
+        assert mask.any() and not (mask & ~where).any()
+    outside = [scratch_mask(np.random.default_rng(s), 64, 64) & ~where for s in range(20)]
+    assert sum(bool(m.any()) for m in outside) > 5
+
+
+def test_scratch_prob_zero_keeps_the_blob_corruptions(textures: TextureSource) -> None:
+    # Runs without scratches draw exactly what they drew before the option existed.
+    image = object_image(64, 64)
+    for seed in range(4):
+        before = corrupt(image, np.random.default_rng(seed), textures)
+        after = corrupt(image, np.random.default_rng(seed), textures, scratch_prob=0.0)
+        assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_corrupt_both_corruptions_exact_mask(textures: TextureSource) -> None:
     image = object_image(64, 64)
     for seed in range(4):
@@ -356,7 +395,13 @@ def test_bad_images_raise(image: np.ndarray, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"texture_prob": -0.1}, {"elastic_prob": 1.5}, {"texture_prob": float("nan")}]
+    "kwargs",
+    [
+        {"texture_prob": -0.1},
+        {"elastic_prob": 1.5},
+        {"texture_prob": float("nan")},
+        {"scratch_prob": 1.1},
+    ],
 )
 def test_bad_probabilities_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="prob"):

@@ -49,6 +49,14 @@ VISIBLE_CHANGE = 0.1
 MIN_VISIBLE_FRACTION = 0.05
 ELASTIC_TRIES = 6
 CORRUPT_TRIES = 10
+# `corrupt(scratch_prob=...)`: 1 to MAX_SCRATCHES thin bent lines with a texture blended in,
+# like the scratches and cracks of real parts. Length as a share of the image's shorter side,
+# width in pixels per 128 pixels of it (so the shape is the same at any image size).
+MAX_SCRATCHES = 3
+SCRATCH_LENGTH_RANGE = (0.05, 0.35)
+SCRATCH_WIDTH_RANGE = (0.6, 2.5)
+SCRATCH_BEND = 0.3
+SCRATCH_OPACITY_RANGE = (0.2, 0.8)
 
 
 def add_kept_noise(
@@ -147,6 +155,56 @@ def blob_mask(
     return field >= threshold
 
 
+def scratch_mask(
+    rng: np.random.Generator, height: int, width: int, where: np.ndarray | None = None
+) -> np.ndarray:
+    """Random scratch-shaped region: 1 to `MAX_SCRATCHES` thin, gently bent lines.
+
+    Each line is a quadratic Bezier curve from a start point (in `where` when given) in a random
+    direction, its middle pushed sideways by up to `SCRATCH_BEND` of its length, drawn
+    `SCRATCH_WIDTH_RANGE` pixels wide per 128 pixels of the shorter side.
+
+    Args:
+        rng: Random generator; the only source of randomness.
+        height: Mask height H.
+        width: Mask width W.
+        where: bool (H, W): the lines start in its True pixels and are cut to them; None:
+            anywhere.
+
+    Returns:
+        bool array of shape (H, W) with at least one True pixel.
+    """
+    check_size(height, width)
+    if where is not None:
+        if where.shape != (height, width) or not where.any():
+            raise ValueError(f"where must be a (H, W) mask with a True pixel, got {where.shape}")
+        starts = np.flatnonzero(where)
+    side = min(height, width)
+    canvas = np.zeros((height, width), np.uint8)
+    for _ in range(int(rng.integers(1, MAX_SCRATCHES + 1))):
+        if where is None:
+            start = np.array([rng.uniform(0, width), rng.uniform(0, height)])
+        else:
+            row, column = divmod(int(starts[rng.integers(starts.size)]), width)
+            start = np.array([column + rng.uniform(0, 1), row + rng.uniform(0, 1)])
+        length = side * rng.uniform(*SCRATCH_LENGTH_RANGE)
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        direction = np.array([math.cos(angle), math.sin(angle)])
+        normal = np.array([-direction[1], direction[0]])
+        end = start + length * direction
+        control = (start + end) / 2 + normal * length * rng.uniform(-SCRATCH_BEND, SCRATCH_BEND)
+        t = np.linspace(0.0, 1.0, max(8, round(length)))[:, None]
+        curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end
+        thickness = max(1, round(side / 128 * rng.uniform(*SCRATCH_WIDTH_RANGE)))
+        points = np.round(curve).astype(np.int32)[None]
+        cv2.polylines(canvas, points, False, 1, thickness, lineType=cv2.LINE_8)
+    mask = canvas.astype(bool)
+    # Kept within `where`, as real scratches stay on the part (unless that leaves nothing).
+    if where is not None and (mask & where).any():
+        mask &= where
+    return mask
+
+
 def _max_channel_change(image: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """Largest absolute per-channel difference, (H, W, 3) x2 -> (H, W)."""
     diff = np.abs(candidate - image)
@@ -177,6 +235,20 @@ def _texture(
 ) -> tuple[np.ndarray, np.ndarray]:
     height, width = image.shape[:2]
     region = blob_mask(rng, height, width, *area_range, where=where)
+    texture = textures.sample(rng, height, width)
+    opacity = np.float32(rng.uniform(*opacity_range))
+    return _finalize(image, image + opacity * (texture - image), region)
+
+
+def _scratch(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    textures: TextureSource,
+    opacity_range: tuple[float, float],
+    where: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    height, width = image.shape[:2]
+    region = scratch_mask(rng, height, width, where=where)
     texture = textures.sample(rng, height, width)
     opacity = np.float32(rng.uniform(*opacity_range))
     return _finalize(image, image + opacity * (texture - image), region)
@@ -222,8 +294,10 @@ def corrupt(
     elastic_prob: float = 0.5,
     subtle: bool = False,
     where: np.ndarray | None = None,
+    scratch_prob: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a texture and/or an elastic corruption (default settings), drawn independently.
+    """Apply a texture and/or an elastic corruption (default settings), drawn independently;
+    with chance `scratch_prob`, scratches (`scratch_mask`, a texture blended in) instead.
 
     If neither is drawn the draw is repeated, so the image is always corrupted unless both
     probabilities are 0 (then the image comes back unchanged with an all-zero mask). A draw whose
@@ -235,23 +309,35 @@ def corrupt(
         textures: Where textures come from.
         texture_prob: Probability of the texture corruption.
         elastic_prob: Probability of the elastic corruption.
-        subtle: smaller regions, fainter textures and weaker warps (`SUBTLE_AREA_RANGE`, ...).
+        subtle: smaller regions, fainter textures and weaker warps (`SUBTLE_AREA_RANGE`, ...);
+            fainter scratches.
         where: bool (H, W): the corrupted regions are centred in its True pixels (for example
             the object, `anomaly.data.foreground.foreground_mask`); None: anywhere.
+        scratch_prob: Chance the corruption is scratches rather than blobs (needs
+            `texture_prob` or `elastic_prob` above 0, as every corruption does).
 
     Returns:
         corrupted float32 (H, W, 3) in [0, 1], and mask float32 (H, W) in {0, 1} marking exactly
         the changed pixels (within the union of both corruptions' blobs).
     """
     _check_image(image)
-    for name, prob in (("texture_prob", texture_prob), ("elastic_prob", elastic_prob)):
+    probs = {"texture_prob": texture_prob, "elastic_prob": elastic_prob}
+    for name, prob in {**probs, "scratch_prob": scratch_prob}.items():
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {prob}")
     if texture_prob == 0.0 and elastic_prob == 0.0:
         return image.copy(), np.zeros(image.shape[:2], np.float32)
-
     area_range = SUBTLE_AREA_RANGE if subtle else AREA_RANGE
     opacity_range = SUBTLE_OPACITY_RANGE if subtle else OPACITY_RANGE
+    # Drawn only when it can come up, so runs without scratches keep their random streams.
+    if scratch_prob > 0.0 and rng.random() < scratch_prob:
+        scratch_opacity = SUBTLE_OPACITY_RANGE if subtle else SCRATCH_OPACITY_RANGE
+        for _ in range(CORRUPT_TRIES):
+            corrupted, mask = _scratch(image, rng, textures, scratch_opacity, where)
+            if mask.any():
+                break
+        return corrupted, mask.astype(np.float32)
+
     warp_range = SUBTLE_WARP_RANGE if subtle else WARP_RANGE
     for _ in range(CORRUPT_TRIES):
         use_texture, use_elastic = False, False

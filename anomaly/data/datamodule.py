@@ -70,7 +70,8 @@ class AnomalyDataModule(LightningDataModule):
             `texture_prob`, `elastic_prob` (see `anomaly.data.corruptions.corrupt`),
             `on_object_prob` (chance a corruption is centred on the object, as the validation
             anomalies are; anywhere otherwise), `noise_std` (Gaussian noise on every training
-            input, kept in its target: `anomaly.data.corruptions.add_kept_noise`), and `device`:
+            input, kept in its target: `anomaly.data.corruptions.add_kept_noise`),
+            `scratch_prob` (share of the corruptions that are thin scratches), and `device`:
             "loader" corrupts each sample in the loader workers, "model" whole batches on the
             training device (`anomaly.data.batch_corruptions`).
         augment: light augmentation of training images: `shift` (fraction of the size),
@@ -125,6 +126,7 @@ class AnomalyDataModule(LightningDataModule):
             "elastic_prob": 0.5,
             "on_object_prob": 0.0,
             "noise_std": 0.0,
+            "scratch_prob": 0.0,
             **(corruption or {}),
         }
         self.corruption_device = corruption.pop("device", "loader")
@@ -193,8 +195,14 @@ class AnomalyDataModule(LightningDataModule):
         elastic_prob = float(self.corruption["elastic_prob"])
         on_object_prob = float(self.corruption["on_object_prob"])
         noise_std = float(self.corruption["noise_std"])
+        scratch_prob = float(self.corruption["scratch_prob"])
         with_foreground = False
         if self.corruption_device == "model" and (prob > 0 or noise_std > 0):
+            if scratch_prob > 0:
+                raise ConfigError(
+                    "model.objective.corruption.scratch_prob > 0 needs "
+                    "data.corruption.device=loader: the on-device corruptions draw no scratches"
+                )
             bank = texture_bank(textures, max(as_pair(self.image_size)), self.seed)
             self.batch_corruption = BatchCorruption(
                 bank, self.seed, prob, texture_prob, elastic_prob, on_object_prob, noise_std
@@ -213,6 +221,7 @@ class AnomalyDataModule(LightningDataModule):
             on_object_prob,
             with_foreground,
             noise_std,
+            scratch_prob,
         )
         self.val_set = ValidationDataset(
             MVTecDataset(val_records, self.image_size),

@@ -52,7 +52,8 @@ class TrainDataset(Dataset):
     is centred on the object (`foreground_mask` of the augmented image) with chance
     `on_object_prob`, anywhere otherwise; with `with_foreground` the sample also holds that
     mask as `foreground` (1, H, W), for corruptions applied later to the batch. With
-    `noise_std` > 0, input and target carry the same Gaussian noise (`add_kept_noise`).
+    `noise_std` > 0, input and target carry the same Gaussian noise (`add_kept_noise`); with
+    `scratch_prob` > 0, that share of the corruptions are scratches (`corrupt`).
     """
 
     def __init__(
@@ -67,9 +68,10 @@ class TrainDataset(Dataset):
         on_object_prob: float = 0.0,
         with_foreground: bool = False,
         noise_std: float = 0.0,
+        scratch_prob: float = 0.0,
     ) -> None:
         self.images, self.seed, self.textures = images, seed, textures
-        self.noise_std = noise_std
+        self.noise_std, self.scratch_prob = noise_std, scratch_prob
         self.corruption_prob, self.texture_prob = corruption_prob, texture_prob
         self.elastic_prob, self.augmentation = elastic_prob, augmentation
         self.on_object_prob, self.with_foreground = on_object_prob, with_foreground
@@ -91,7 +93,13 @@ class TrainDataset(Dataset):
             on_object = self.on_object_prob > 0 and rng.random() < self.on_object_prob
             where = foreground_mask(clean) if on_object else None
             corrupted, mask = corrupt(
-                clean, rng, self.textures, self.texture_prob, self.elastic_prob, where=where
+                clean,
+                rng,
+                self.textures,
+                self.texture_prob,
+                self.elastic_prob,
+                where=where,
+                scratch_prob=self.scratch_prob,
             )
         foreground = foreground_mask(clean) if self.with_foreground else None
         if self.noise_std > 0:
