@@ -73,7 +73,8 @@ def calibrate_threshold(
 class AnomalyDetector(nn.Module):
     """A reconstruction network, its anomaly map and the image score.
 
-    score = max of the map, or the mean of its `top_k` largest pixels. With `standardize`, the
+    score = max of the map, or the mean of its largest pixels (`top_k` of them, or the share
+    `top_share` of the map's pixels, so the same share at every image size). With `standardize`, the
     score is taken from the map standardized per pixel by the mean and spread of the maps of
     held-out normal images (`set_normal_statistics`, fitted during validation), so places that
     are always hard to reconstruct (edges, prints) stop dominating the image score. That assumes
@@ -90,6 +91,8 @@ class AnomalyDetector(nn.Module):
         net: (B, 3, H, W) in [0, 1] -> reconstruction (B, 3, H, W).
         anomaly_map: (image, reconstruction) -> map (B, H, W).
         top_k: image score = mean of the top-k map pixels instead of the maximum.
+        top_share: image score = mean of this share, in (0, 1], of the map's pixels (at least
+            one) instead of the maximum; not with `top_k`.
         standardize: True: score the standardized map once normal statistics are set; False:
             the raw map; "auto": whichever `choose_standardization` picked last (raw until then).
         normalize_levels: map each image's levels to the training images' (once they are set).
@@ -102,14 +105,19 @@ class AnomalyDetector(nn.Module):
         top_k: int | None = None,
         standardize: bool | str = False,
         normalize_levels: bool = False,
+        top_share: float | None = None,
     ) -> None:
         super().__init__()
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be a positive number of pixels, got {top_k}")
+        if top_share is not None and not 0 < top_share <= 1:
+            raise ConfigError(f"score.top_share must be a share in (0, 1], got {top_share}")
+        if top_k is not None and top_share is not None:
+            raise ConfigError("set score.top_k or score.top_share, not both")
         if standardize not in STANDARDIZE_CHOICES:
             raise ConfigError(f"score.standardize must be true, false or auto, got {standardize!r}")
         self.net, self.anomaly_map = net, anomaly_map
-        self.top_k, self.standardize = top_k, standardize
+        self.top_k, self.top_share, self.standardize = top_k, top_share, standardize
         self.normalize_levels = normalize_levels
         # The training images' mean level and spread of levels, [mean, spread]; empty until set.
         self.register_buffer("reference_levels", torch.empty(0))
@@ -248,11 +256,14 @@ class AnomalyDetector(nn.Module):
         return self._reduce(maps)
 
     def _reduce(self, maps: Tensor) -> Tensor:
-        """(B,) the maximum, or the top-k mean, of each map (B, H, W)."""
+        """(B,) the maximum, or the mean of the largest pixels, of each map (B, H, W)."""
         flat = maps.flatten(1)
-        if self.top_k is None:
-            return flat.amax(dim=1)
-        return flat.topk(min(self.top_k, flat.shape[1]), dim=1).values.mean(dim=1)
+        if self.top_k is not None:
+            return flat.topk(min(self.top_k, flat.shape[1]), dim=1).values.mean(dim=1)
+        if self.top_share is not None:
+            count = max(1, round(self.top_share * maps.shape[1] * maps.shape[2]))
+            return flat.topk(count, dim=1).values.mean(dim=1)
+        return flat.amax(dim=1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Detect anomalies in a batch.

@@ -27,6 +27,8 @@ def build_detector(model: DictConfig) -> AnomalyDetector:
         instantiate(model.net),
         AnomalyMap(**model.anomaly_map),
         top_k=model.score.top_k,
+        # Checkpoints of runs before the setting existed scored the maximum (or top_k).
+        top_share=model.score.get("top_share"),
         standardize=model.score.standardize,
         # Checkpoints of runs before the setting existed trained without it.
         normalize_levels=model.get("normalize_levels", False),
@@ -126,18 +128,40 @@ def data_for_eval(saved: dict, changes: DictConfig) -> DictConfig:
     return data
 
 
+def recalibration_changes(cfg: DictConfig, group: str) -> dict:
+    """The keys of `cfg[group]` set (not null) on an eval config; they need `recalibrate`."""
+    changes = {k: v for k, v in (cfg.get(group) or {}).items() if v is not None}
+    if changes and not cfg.get("recalibrate", False):
+        keys = ", ".join(f"{group}.{key}" for key in changes)
+        raise ConfigError(f"{keys} takes effect only with recalibrate=true")
+    return changes
+
+
 def threshold_for_eval(saved: dict | None, cfg: DictConfig) -> dict | None:
     """The checkpoint's threshold setting with the keys `cfg.threshold` sets (not null)
     replaced; they need `recalibrate`, since only a validation calibrates the threshold."""
-    changes = {k: v for k, v in (cfg.get("threshold") or {}).items() if v is not None}
+    changes = recalibration_changes(cfg, "threshold")
     if not changes:
         return saved
-    if not cfg.get("recalibrate", False):
-        keys = ", ".join(f"threshold.{key}" for key in changes)
-        raise ConfigError(f"{keys} takes effect only with recalibrate=true")
     merged = {**(saved or {}), **changes}
     check_threshold_config(merged)
     return merged
+
+
+def score_for_eval(saved: dict, cfg: DictConfig) -> dict:
+    """The checkpoint's image-score setting with the keys `cfg.score` sets (not null) replaced.
+
+    `top_k` and `top_share` replace the checkpoint's choice of pixels together (`top_k=1`
+    scores the maximum). They need `recalibrate`: the standardization choice and the threshold
+    were fitted to the checkpoint's own score.
+    """
+    changes = recalibration_changes(cfg, "score")
+    if not changes:
+        return saved
+    merged = dict(saved)
+    if "top_k" in changes or "top_share" in changes:
+        merged["top_k"], merged["top_share"] = None, None
+    return {**merged, **changes}
 
 
 @isolated_job
@@ -145,7 +169,8 @@ def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
 
     The model and data configs come from the checkpoint (they must match the weights); the data
-    keys set in `eval.yaml` or on the command line replace the checkpoint's. With `recalibrate`,
+    and image-score keys set in `eval.yaml` or on the command line replace the checkpoint's. With
+    `recalibrate`,
     the checkpoint is validated first, on the run's held-out normals and today's synthetic
     anomalies, which fits what validation decides (normal statistics, standardization, threshold)
     again for the test.
@@ -153,8 +178,9 @@ def evaluate(cfg: DictConfig) -> dict:
     path = Path(cfg.ckpt_path)
     saved = read_checkpoint(path)["config"]
     threshold = threshold_for_eval(saved.get("threshold"), cfg)
+    score = score_for_eval(saved["model"]["score"], cfg)
     with open_dict(cfg):
-        cfg.model = OmegaConf.create(saved["model"])
+        cfg.model = OmegaConf.create({**saved["model"], "score": score})
         cfg.data = data_for_eval(saved["data"], cfg.data)
     claim_for_evaluation(cfg.paths.output_dir)
     save_run_settings(cfg)

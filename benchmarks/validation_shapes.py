@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from anomaly.data.corruptions import corrupt
 from anomaly.data.foreground import foreground_mask
 from anomaly.data.textures import TextureSource
+from anomaly.detector import AnomalyDetector
 from anomaly.errors import AnomalyError
 from anomaly.metrics import auroc, pixel_metrics
 from anomaly.tasks import load_detector
@@ -62,23 +63,35 @@ def score(detector, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(maps), torch.cat(scores)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_arguments(description: str, copies: int, argv: list[str] | None) -> argparse.Namespace:
+    """`--ckpt`, `--copies` (at least 1; `copies` by default) and `--seed`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
-    parser.add_argument("--copies", type=int, default=4, help="corrupted copies per normal")
+    parser.add_argument("--copies", type=int, default=copies, help="corrupted copies per normal")
     parser.add_argument("--seed", type=int, default=1, help="seeds the corruptions")
     args = parser.parse_args(argv)
     if args.copies < 1:
         sys.exit(f"error: --copies must be at least 1, got {args.copies}")
+    return args
+
+
+def held_out_normals(path: str) -> tuple[AnomalyDetector, list[np.ndarray], TextureSource]:
+    """A checkpoint's detector, its run's held-out normal images (float32 (H, W, 3)) and its
+    textures; a one-line exit on a bad checkpoint or data."""
     try:
-        detector, config = load_detector(args.ckpt)
+        detector, config = load_detector(path)
         datamodule = instantiate(config["data"])
         datamodule.setup("fit")
         held_out = datamodule.val_set.images
         normals = [held_out[i]["image"].numpy().transpose(1, 2, 0) for i in range(len(held_out))]
-        textures = TextureSource(config["data"].get("dtd_root"))
+        return detector, normals, TextureSource(config["data"].get("dtd_root"))
     except AnomalyError as error:
         sys.exit(f"error: {error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(__doc__.split("\n\n")[0], 4, argv)
+    detector, normals, textures = held_out_normals(args.ckpt)
     normal_maps, normal_scores = score(detector, normals)
     normal_masks = torch.zeros_like(normal_maps, dtype=torch.long)
     for shape in SHAPES:

@@ -52,6 +52,17 @@ def test_top_k_score_is_the_mean_of_the_largest_pixels():
     assert torch.allclose(detector.score(maps), expected)
 
 
+def test_top_share_score_is_the_mean_of_that_share_of_the_largest_pixels():
+    maps = torch.rand(2, 20, 16)
+    detector = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), top_share=0.05)
+    # 5% of 320 pixels: the 16 largest.
+    expected = torch.sort(maps.flatten(1), dim=1, descending=True).values[:, :16].mean(1)
+    assert torch.allclose(detector.score(maps), expected)
+    # At least one pixel: a tiny share scores the maximum.
+    tiny = AnomalyDetector(nn.Identity(), AnomalyMap(sigma=0), top_share=1e-6)
+    assert torch.equal(tiny.score(maps), maps.flatten(1).amax(1))
+
+
 def test_perfect_reconstruction_gives_zero_map_for_every_term():
     image = torch.rand(2, 3, 32, 32)
     maps = AnomalyMap(sigma=4.0, l2=1.0, l1=1.0, ssim=1.0, gradient=1.0)(image, image.clone())
@@ -75,6 +86,11 @@ def test_bad_settings_raise_config_errors():
         AnomalyMap(sigma=-1.0)
     with pytest.raises(ConfigError, match="top_k"):
         AnomalyDetector(nn.Identity(), AnomalyMap(), top_k=0)
+    for share in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="score.top_share"):
+            AnomalyDetector(nn.Identity(), AnomalyMap(), top_share=share)
+    with pytest.raises(ConfigError, match="not both"):
+        AnomalyDetector(nn.Identity(), AnomalyMap(), top_k=5, top_share=0.1)
 
 
 def fitted_detector(normal_maps: torch.Tensor) -> AnomalyDetector:

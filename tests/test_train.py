@@ -128,6 +128,27 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
         assert done.returncode == 0, done.stderr[-3000:]
         thresholds = [float(csv_threshold(folder)) for folder in (again_dir, loose_dir)]
         assert thresholds[1] < thresholds[0]  # half the held-out normals may reach it
+        # Another image score replaces the checkpoint's with a recalibration, and tests as a run
+        # trained with it does (the score does not change training: the same weights are kept).
+        # Here the map's maximum (top_k=1) in place of the default top 1%.
+        refused = run("eval.py", f"ckpt_path={best[0]}", "score.top_k=1")
+        assert refused.returncode != 0
+        assert "score.top_k takes effect only with recalibrate=true" in refused.stderr
+        maximum_dir, trained_dir = tmp_path / "maximum", tmp_path / "trained_maximum"
+        done = run(
+            "eval.py",
+            f"ckpt_path={best[0]}",
+            f"hydra.run.dir={maximum_dir}",
+            "recalibrate=true",
+            "score.top_k=1",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        changes = {"model.score.top_share": "null"}
+        done = run("train.py", f"model={model}", *tiny_settings(data_dir, trained_dir, changes))
+        assert done.returncode == 0, done.stderr[-3000:]
+        maximum = (maximum_dir / "scores.csv").read_text()
+        assert maximum == (trained_dir / "scores.csv").read_text()
+        assert maximum != (train_dir / "scores.csv").read_text()
         # The same checkpoint on another, real-layout category: its data keys replace the saved.
         write_tree(tmp_path / "real", category="widget")
         other_dir = tmp_path / "other"

@@ -1,5 +1,6 @@
 """benchmarks/validation_shapes.py: its figures against a pairwise AUROC written out over the same
-held-out normals and copies, the shapes it draws, and its one-line errors."""
+held-out normals and copies, the shapes it draws, and its one-line errors (and those of
+benchmarks/score_choices.py, which reads the same data)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hydra.utils import instantiate
 
 from anomaly.data.textures import TextureSource
 from anomaly.tasks import load_detector
+from benchmarks.score_choices import main as score_choices_main
 from benchmarks.validation_shapes import corrupted_copies, main, score
 
 
@@ -48,12 +50,13 @@ def test_each_shape_is_scored_on_the_runs_held_out_normals(trained, capsys):
     assert kept <= 0.2 * sum(m.sum() for m in masks)
 
 
-def test_bad_inputs_are_one_line_errors(trained, tmp_path):
+@pytest.mark.parametrize("script", [main, score_choices_main])
+def test_bad_inputs_are_one_line_errors(trained, tmp_path, script):
     _, best, _ = trained
     missing = tmp_path / "none.ckpt"
     with pytest.raises(SystemExit) as stop:
-        main(["--ckpt", str(missing)])
+        script(["--ckpt", str(missing)])
     assert stop.value.code == f"error: {missing}: checkpoint file does not exist"
     with pytest.raises(SystemExit) as stop:
-        main(["--ckpt", str(best), "--copies", "0"])
+        script(["--ckpt", str(best), "--copies", "0"])
     assert stop.value.code == "error: --copies must be at least 1, got 0"
