@@ -53,7 +53,7 @@ def test_reruns_never_overwrite_a_run_and_the_same_settings_resume_it(tmp_path, 
     (folder / "metrics.json").unlink()
     unfinished = snapshot(folder)
     error = one_line_error(run("train.py", *settings, "model.optimizer.lr=0.5"))
-    assert "holds a run with other settings (model.optimizer.lr: 0.001 -> 0.5)" in error
+    assert "holds a run with other settings (model.optimizer.lr: 0.002 -> 0.5)" in error
     assert snapshot(folder) == unfinished
 
     # ... the same settings continue it, and the CSV history of the first run stays.
