@@ -70,6 +70,22 @@ def calibrate_threshold(
     return math.nextafter(float(normal.flip(0)[allowed]), math.inf)
 
 
+def check_score_settings(top_k, top_share, standardize) -> None:
+    """A ConfigError naming the first image-score setting out of range (`AnomalyDetector`)."""
+
+    def number(value, kinds) -> bool:
+        return not isinstance(value, bool) and isinstance(value, kinds)
+
+    if top_k is not None and not (number(top_k, int) and top_k >= 1):
+        raise ConfigError(f"top_k must be a positive number of pixels, got {top_k!r}")
+    if top_share is not None and not (number(top_share, (int, float)) and 0 < top_share <= 1):
+        raise ConfigError(f"score.top_share must be a share in (0, 1], got {top_share!r}")
+    if top_k is not None and top_share is not None:
+        raise ConfigError("set score.top_k or score.top_share, not both")
+    if standardize not in STANDARDIZE_CHOICES:
+        raise ConfigError(f"score.standardize must be true, false or auto, got {standardize!r}")
+
+
 class AnomalyDetector(nn.Module):
     """A reconstruction network, its anomaly map and the image score.
 
@@ -108,14 +124,7 @@ class AnomalyDetector(nn.Module):
         top_share: float | None = None,
     ) -> None:
         super().__init__()
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"top_k must be a positive number of pixels, got {top_k}")
-        if top_share is not None and not 0 < top_share <= 1:
-            raise ConfigError(f"score.top_share must be a share in (0, 1], got {top_share}")
-        if top_k is not None and top_share is not None:
-            raise ConfigError("set score.top_k or score.top_share, not both")
-        if standardize not in STANDARDIZE_CHOICES:
-            raise ConfigError(f"score.standardize must be true, false or auto, got {standardize!r}")
+        check_score_settings(top_k, top_share, standardize)
         self.net, self.anomaly_map = net, anomaly_map
         self.top_k, self.top_share, self.standardize = top_k, top_share, standardize
         self.normalize_levels = normalize_levels

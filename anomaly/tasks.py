@@ -12,7 +12,7 @@ from anomaly.anomaly_map import AnomalyMap
 from anomaly.callbacks import ConfigInCheckpoint
 from anomaly.checkpoints import read_checkpoint, resume_path
 from anomaly.config_checks import check_threshold_config, check_training_config
-from anomaly.detector import AnomalyDetector
+from anomaly.detector import AnomalyDetector, check_score_settings
 from anomaly.errors import ConfigError
 from anomaly.metrics import METRIC_KEYS
 from anomaly.module import AnomalyModule
@@ -161,7 +161,10 @@ def score_for_eval(saved: dict, cfg: DictConfig) -> dict:
     merged = dict(saved)
     if "top_k" in changes or "top_share" in changes:
         merged["top_k"], merged["top_share"] = None, None
-    return {**merged, **changes}
+    merged.update(changes)
+    # Refused before the eval folder is claimed: nothing is written for a bad setting.
+    check_score_settings(merged.get("top_k"), merged.get("top_share"), merged.get("standardize"))
+    return merged
 
 
 @isolated_job
@@ -170,10 +173,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
     The model and data configs come from the checkpoint (they must match the weights); the data
     and image-score keys set in `eval.yaml` or on the command line replace the checkpoint's. With
-    `recalibrate`,
-    the checkpoint is validated first, on the run's held-out normals and today's synthetic
-    anomalies, which fits what validation decides (normal statistics, standardization, threshold)
-    again for the test.
+    `recalibrate`, the checkpoint is validated first, on the run's held-out normals and today's
+    synthetic anomalies, which fits what validation decides (normal statistics, standardization,
+    threshold) again for the test.
     """
     path = Path(cfg.ckpt_path)
     saved = read_checkpoint(path)["config"]

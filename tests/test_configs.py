@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from anomaly.config_checks import check_training_config
 from anomaly.errors import ConfigError
-from anomaly.tasks import build_module
+from anomaly.tasks import build_module, score_for_eval
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -125,6 +125,9 @@ def test_groups_compose(model, trainer, logger):
         (["model.objective.corruption.prob=nan"], "corruption.prob=nan is out of range"),
         (["data.corruption.device=gpu"], "data.corruption.device='gpu' is out of range: loader"),
         (["data.augment.rotate=-5"], "data.augment.rotate=-5"),
+        (["model.score.top_share=0"], "score.top_share must be a share in \\(0, 1\\], got 0"),
+        (["model.score.top_share=most"], "score.top_share must be a share in .*, got 'most'"),
+        (["model.score.top_k=5"], "set score.top_k or score.top_share, not both"),
         (["threshold.method=youden"], "threshold.method='youden' is out of range"),
         (["threshold.fpr=1.0"], "threshold.fpr=1.0 is out of range"),
         (
@@ -151,3 +154,17 @@ def test_the_defaults_and_a_time_budget_without_epoch_limit_pass_the_checks(mode
     ):
         cfg = composed(overrides)
         check_training_config(cfg, build_module(cfg.model).detector.net.stride)
+
+
+def test_eval_score_keys_replace_the_checkpoints_and_are_checked_first():
+    saved = {"top_k": None, "top_share": 0.01, "standardize": "auto"}
+    score = {"top_k": 1, "top_share": None, "standardize": None}
+    cfg = OmegaConf.create({"recalibrate": True, "score": score})
+    # top_k replaces the checkpoint's share: the two never stay set together.
+    assert score_for_eval(saved, cfg) == {"top_k": 1, "top_share": None, "standardize": "auto"}
+    cfg.score.top_k, cfg.score.top_share = None, 2.0
+    with pytest.raises(ConfigError, match=r"score.top_share must be a share in \(0, 1\], got 2.0"):
+        score_for_eval(saved, cfg)
+    cfg.score.top_share, cfg.recalibrate = 0.05, False
+    with pytest.raises(ConfigError, match="score.top_share takes effect only with recalibrate"):
+        score_for_eval(saved, cfg)
