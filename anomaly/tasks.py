@@ -8,7 +8,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anomaly.anomaly_map import AnomalyMap
+from anomaly.anomaly_map import FORMER_SIDE_PER_SIGMA, AnomalyMap
 from anomaly.callbacks import ConfigInCheckpoint
 from anomaly.checkpoints import read_checkpoint, resume_path
 from anomaly.config_checks import check_threshold_config, check_training_config
@@ -23,9 +23,11 @@ from anomaly.runtime import build_trainer, close_job, isolated_job
 
 def build_detector(model: DictConfig) -> AnomalyDetector:
     """The pure torch detector of a model config (`conf/model/*.yaml`), untrained."""
+    # Checkpoints of runs before the setting existed smoothed over 1/64 of the shorter side.
+    anomaly_map = {"side_per_sigma": FORMER_SIDE_PER_SIGMA, **model.anomaly_map}
     return AnomalyDetector(
         instantiate(model.net),
-        AnomalyMap(**model.anomaly_map),
+        AnomalyMap(**anomaly_map),
         top_k=model.score.top_k,
         # Checkpoints of runs before the setting existed scored the maximum (or top_k).
         top_share=model.score.get("top_share"),
@@ -148,6 +150,21 @@ def threshold_for_eval(saved: dict | None, cfg: DictConfig) -> dict | None:
     return merged
 
 
+def map_for_eval(saved: dict, cfg: DictConfig) -> dict:
+    """The checkpoint's anomaly-map setting with the smoothing keys `cfg.anomaly_map` sets (not
+    null) replaced; they need `recalibrate`, since the normal statistics, the standardization
+    choice and the threshold were fitted to the checkpoint's own maps. For example
+    `anomaly_map.side_per_sigma=128` gives a checkpoint from before that setting today's smoothing.
+    """
+    changes = recalibration_changes(cfg, "anomaly_map")
+    if not changes:
+        return saved
+    merged = {"side_per_sigma": FORMER_SIDE_PER_SIGMA, **saved, **changes}
+    # Refused before the eval folder is claimed: nothing is written for a bad setting.
+    AnomalyMap(**merged)
+    return merged
+
+
 def score_for_eval(saved: dict, cfg: DictConfig) -> dict:
     """The checkpoint's image-score setting with the keys `cfg.score` sets (not null) replaced.
 
@@ -172,7 +189,8 @@ def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
 
     The model and data configs come from the checkpoint (they must match the weights); the data
-    and image-score keys set in `eval.yaml` or on the command line replace the checkpoint's. With
+    image-score and map-smoothing keys set in `eval.yaml` or on the command line replace the
+    checkpoint's. With
     `recalibrate`, the checkpoint is validated first, on the run's held-out normals and today's
     synthetic anomalies, which fits what validation decides (normal statistics, standardization,
     threshold) again for the test.
@@ -181,8 +199,9 @@ def evaluate(cfg: DictConfig) -> dict:
     saved = read_checkpoint(path)["config"]
     threshold = threshold_for_eval(saved.get("threshold"), cfg)
     score = score_for_eval(saved["model"]["score"], cfg)
+    anomaly_map = map_for_eval(saved["model"]["anomaly_map"], cfg)
     with open_dict(cfg):
-        cfg.model = OmegaConf.create({**saved["model"], "score": score})
+        cfg.model = OmegaConf.create({**saved["model"], "score": score, "anomaly_map": anomaly_map})
         cfg.data = data_for_eval(saved["data"], cfg.data)
     claim_for_evaluation(cfg.paths.output_dir)
     save_run_settings(cfg)

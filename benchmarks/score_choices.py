@@ -34,13 +34,14 @@ from benchmarks.validation_shapes import (
     parse_arguments,
 )
 
-# (l2, ssim, gradient, sigma in pixels; None: the image's shorter side / 64, 2 at 128 px). The
+# (l2, ssim, gradient, sigma in pixels; None: the image's shorter side / 128, 1 at 128 px). The
 # default first, then its smoothing, then its weights.
 MAP_SETTINGS = [
     (10.0, 1.0, 0.0, None),
     (10.0, 1.0, 0.0, 0.0),
+    (10.0, 1.0, 0.0, 0.5),
     (10.0, 1.0, 0.0, 1.0),
-    (10.0, 1.0, 0.0, 3.0),
+    (10.0, 1.0, 0.0, 2.0),
     (10.0, 1.0, 0.0, 4.0),
     (1.0, 0.0, 0.0, None),
     (0.0, 1.0, 0.0, None),

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from anomaly.config_checks import check_training_config
 from anomaly.errors import ConfigError
-from anomaly.tasks import build_module, score_for_eval
+from anomaly.tasks import build_detector, build_module, map_for_eval, score_for_eval
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -42,6 +42,7 @@ def test_experiment_presets_build(experiment):
         if key != "net":
             assert cfg.model[key] == plain.model[key], key
     assert cfg.model.anomaly_map.sigma is None
+    assert build_detector(cfg.model).anomaly_map.sigma_for(128, 128) == 1.0
 
 
 def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
@@ -154,6 +155,24 @@ def test_the_defaults_and_a_time_budget_without_epoch_limit_pass_the_checks(mode
     ):
         cfg = composed(overrides)
         check_training_config(cfg, build_module(cfg.model).detector.net.stride)
+
+
+def test_eval_map_keys_replace_the_checkpoints_smoothing_and_are_checked_first():
+    saved = {"l2": 10.0, "ssim": 1.0, "sigma": None}  # a checkpoint from before side_per_sigma
+    cfg = OmegaConf.create(
+        {"recalibrate": True, "anomaly_map": {"sigma": None, "side_per_sigma": None}}
+    )
+    assert map_for_eval(saved, cfg) == saved
+    cfg.anomaly_map.side_per_sigma = 128
+    assert map_for_eval(saved, cfg) == {**saved, "side_per_sigma": 128}
+    cfg.anomaly_map.side_per_sigma, cfg.anomaly_map.sigma = None, 0.5
+    assert map_for_eval(saved, cfg) == {**saved, "sigma": 0.5, "side_per_sigma": 64.0}
+    cfg.anomaly_map.sigma = -1.0
+    with pytest.raises(ConfigError, match="anomaly map sigma must be >= 0 pixels or null"):
+        map_for_eval(saved, cfg)
+    cfg.anomaly_map.sigma, cfg.recalibrate = 1.0, False
+    with pytest.raises(ConfigError, match="anomaly_map.sigma takes effect only with recalibrate"):
+        map_for_eval(saved, cfg)
 
 
 def test_eval_score_keys_replace_the_checkpoints_and_are_checked_first():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy import ndimage
 from scipy.stats import mannwhitneyu
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.detector import AnomalyDetector, NormalMapStatistics
 from anomaly.errors import ConfigError
+from anomaly.tasks import build_detector
 
 
 class Shift(nn.Module):
@@ -82,8 +84,12 @@ def test_a_local_defect_scores_highest_where_it_is():
 def test_bad_settings_raise_config_errors():
     with pytest.raises(ConfigError, match="at least one"):
         AnomalyMap(l2=0.0)
-    with pytest.raises(ConfigError, match="sigma"):
-        AnomalyMap(sigma=-1.0)
+    for sigma in (-1.0, "2", True, float("nan")):
+        with pytest.raises(ConfigError, match="anomaly map sigma"):
+            AnomalyMap(sigma=sigma)
+    for side in (0, -64.0, "128", None):
+        with pytest.raises(ConfigError, match="side_per_sigma"):
+            AnomalyMap(side_per_sigma=side)
     with pytest.raises(ConfigError, match="top_k"):
         AnomalyDetector(nn.Identity(), AnomalyMap(), top_k=0)
     for share in (0.0, 1.5, float("nan")):
@@ -147,13 +153,29 @@ def test_normal_statistics_are_finite_for_identical_maps_and_refuse_a_single_map
 
 def test_sigma_none_follows_the_shorter_side_of_the_image():
     torch.manual_seed(0)
-    for shape, sigma in (((64, 64), 1.0), ((128, 96), 1.5), ((256, 256), 4.0)):
+    for shape, sigma in (((64, 64), 0.5), ((128, 96), 0.75), ((256, 256), 2.0)):
         image = torch.rand(2, 3, *shape)
         reconstruction = image + 0.1 * torch.randn_like(image)
         following = AnomalyMap(sigma=None, l2=1.0)(image, reconstruction)
         fixed = AnomalyMap(sigma=sigma, l2=1.0)(image, reconstruction)
         assert torch.allclose(following, fixed, atol=1e-7), shape
         assert AnomalyMap(sigma=None).sigma_for(*shape) == sigma
+        assert AnomalyMap(sigma=None, side_per_sigma=64).sigma_for(*shape) == 2 * sigma
+
+
+def test_checkpoints_from_before_the_smoothing_setting_keep_their_smoothing():
+    """A model config without `side_per_sigma` (runs before it existed) builds the map those
+    runs were calibrated with: 1/64 of the shorter side; today's config gives 1/128."""
+    model = OmegaConf.create(
+        {
+            "net": {"_target_": "torch.nn.Identity"},
+            "anomaly_map": {"l2": 10.0, "ssim": 1.0, "sigma": None},
+            "score": {"top_k": None, "standardize": False},
+        }
+    )
+    assert build_detector(model).anomaly_map.sigma_for(128, 128) == 2.0
+    model.anomaly_map.side_per_sigma = 128
+    assert build_detector(model).anomaly_map.sigma_for(128, 128) == 1.0
 
 
 def auto_detector(standardize="auto") -> AnomalyDetector:

@@ -149,6 +149,24 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
         maximum = (maximum_dir / "scores.csv").read_text()
         assert maximum == (trained_dir / "scores.csv").read_text()
         assert maximum != (train_dir / "scores.csv").read_text()
+        # So does another smoothing of the map (selection reads `val/loss`, not the map).
+        smooth_dir, trained_smooth_dir = tmp_path / "smooth", tmp_path / "trained_smooth"
+        done = run(
+            "eval.py",
+            f"ckpt_path={best[0]}",
+            f"hydra.run.dir={smooth_dir}",
+            "recalibrate=true",
+            "anomaly_map.sigma=2",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        changes = {"model.anomaly_map.sigma": "2"}
+        done = run(
+            "train.py", f"model={model}", *tiny_settings(data_dir, trained_smooth_dir, changes)
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        smooth = (smooth_dir / "scores.csv").read_text()
+        assert smooth == (trained_smooth_dir / "scores.csv").read_text()
+        assert smooth != (train_dir / "scores.csv").read_text()
         # The same checkpoint on another, real-layout category: its data keys replace the saved.
         write_tree(tmp_path / "real", category="widget")
         other_dir = tmp_path / "other"
