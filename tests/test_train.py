@@ -134,39 +134,29 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
         refused = run("eval.py", f"ckpt_path={best[0]}", "score.top_k=1")
         assert refused.returncode != 0
         assert "score.top_k takes effect only with recalibrate=true" in refused.stderr
-        maximum_dir, trained_dir = tmp_path / "maximum", tmp_path / "trained_maximum"
-        done = run(
-            "eval.py",
-            f"ckpt_path={best[0]}",
-            f"hydra.run.dir={maximum_dir}",
-            "recalibrate=true",
-            "score.top_k=1",
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        changes = {"model.score.top_share": "null"}
-        done = run("train.py", f"model={model}", *tiny_settings(data_dir, trained_dir, changes))
-        assert done.returncode == 0, done.stderr[-3000:]
-        maximum = (maximum_dir / "scores.csv").read_text()
-        assert maximum == (trained_dir / "scores.csv").read_text()
-        assert maximum != (train_dir / "scores.csv").read_text()
+
+        def recalibrated_as_trained(name: str, eval_override: str, train_change: dict) -> None:
+            """The checkpoint re-tested with `eval_override` scores every test image as a run
+            trained with `train_change` does, and not as the checkpoint's own run did."""
+            eval_dir, trained_dir = tmp_path / name, tmp_path / f"trained_{name}"
+            done = run(
+                "eval.py",
+                f"ckpt_path={best[0]}",
+                f"hydra.run.dir={eval_dir}",
+                "recalibrate=true",
+                eval_override,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            changes = tiny_settings(data_dir, trained_dir, train_change)
+            done = run("train.py", f"model={model}", *changes)
+            assert done.returncode == 0, done.stderr[-3000:]
+            scores = (eval_dir / "scores.csv").read_text()
+            assert scores == (trained_dir / "scores.csv").read_text(), name
+            assert scores != (train_dir / "scores.csv").read_text(), name
+
+        recalibrated_as_trained("maximum", "score.top_k=1", {"model.score.top_share": "null"})
         # So does another smoothing of the map (selection reads `val/loss`, not the map).
-        smooth_dir, trained_smooth_dir = tmp_path / "smooth", tmp_path / "trained_smooth"
-        done = run(
-            "eval.py",
-            f"ckpt_path={best[0]}",
-            f"hydra.run.dir={smooth_dir}",
-            "recalibrate=true",
-            "anomaly_map.sigma=2",
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        changes = {"model.anomaly_map.sigma": "2"}
-        done = run(
-            "train.py", f"model={model}", *tiny_settings(data_dir, trained_smooth_dir, changes)
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        smooth = (smooth_dir / "scores.csv").read_text()
-        assert smooth == (trained_smooth_dir / "scores.csv").read_text()
-        assert smooth != (train_dir / "scores.csv").read_text()
+        recalibrated_as_trained("smooth", "anomaly_map.sigma=2", {"model.anomaly_map.sigma": "2"})
         # The same checkpoint on another, real-layout category: its data keys replace the saved.
         write_tree(tmp_path / "real", category="widget")
         other_dir = tmp_path / "other"
