@@ -188,12 +188,11 @@ def score_for_eval(saved: dict, cfg: DictConfig) -> dict:
 def evaluate(cfg: DictConfig) -> dict:
     """Re-test a checkpoint and write the same outputs as a training run.
 
-    The model and data configs come from the checkpoint (they must match the weights); the data
+    The model and data configs come from the checkpoint (they must match the weights); the data,
     image-score and map-smoothing keys set in `eval.yaml` or on the command line replace the
-    checkpoint's. With
-    `recalibrate`, the checkpoint is validated first, on the run's held-out normals and today's
-    synthetic anomalies, which fits what validation decides (normal statistics, standardization,
-    threshold) again for the test.
+    checkpoint's. With `recalibrate`, the checkpoint is validated first, on the run's held-out
+    normals and today's synthetic anomalies, which fits what validation decides (normal
+    statistics, standardization, threshold) again for the test.
     """
     path = Path(cfg.ckpt_path)
     saved = read_checkpoint(path)["config"]
