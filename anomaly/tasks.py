@@ -151,10 +151,11 @@ def threshold_for_eval(saved: dict | None, cfg: DictConfig) -> dict | None:
 
 
 def map_for_eval(saved: dict, cfg: DictConfig) -> dict:
-    """The checkpoint's anomaly-map setting with the smoothing keys `cfg.anomaly_map` sets (not
-    null) replaced; they need `recalibrate`, since the normal statistics, the standardization
-    choice and the threshold were fitted to the checkpoint's own maps. For example
-    `anomaly_map.side_per_sigma=128` gives a checkpoint from before that setting today's smoothing.
+    """The checkpoint's anomaly-map setting with the keys `cfg.anomaly_map` sets (not null:
+    the smoothing, the error terms' weights) replaced; they need `recalibrate`, since the normal
+    statistics, the standardization choice and the threshold were fitted to the checkpoint's own
+    maps. For example `anomaly_map.side_per_sigma=128` gives a checkpoint from before that setting
+    today's smoothing, `anomaly_map.ssim=0` drops the SSIM term.
     """
     changes = recalibration_changes(cfg, "anomaly_map")
     if not changes:

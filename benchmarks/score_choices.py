@@ -34,8 +34,9 @@ from benchmarks.validation_shapes import (
     parse_arguments,
 )
 
-# (l2, ssim, gradient, sigma in pixels; None: the image's shorter side / 128, 1 at 128 px). The
-# default first, then its smoothing, then its weights.
+# (l2, ssim, gradient, sigma in pixels; None: the image's shorter side / 128, 1 at 128 px).
+# Model II's default first, then its smoothing, then its weights; then Model I's default and its
+# terms.
 MAP_SETTINGS = [
     (10.0, 1.0, 0.0, None),
     (10.0, 1.0, 0.0, 0.0),
@@ -48,6 +49,9 @@ MAP_SETTINGS = [
     (3.0, 1.0, 0.0, None),
     (30.0, 1.0, 0.0, None),
     (10.0, 1.0, 1.0, None),
+    (1.0, 1.0, 1.0, None),
+    (1.0, 1.0, 0.0, None),
+    (0.0, 0.0, 1.0, None),
 ]
 # The image score: the map's maximum (None), or the mean of this share of its largest pixels (at
 # 128 px: 16, 49, 164 and 492 pixels).

@@ -4,11 +4,13 @@ leave-one-out standardization written out here, over the same held-out normals a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from anomaly.anomaly_map import AnomalyMap
 from anomaly.data.textures import TextureSource
@@ -83,3 +85,13 @@ def test_each_setting_is_scored_as_the_detector_scores_it(trained, capsys):
             assert 0.0 <= row[shape]["pixel_aupro"] <= 1.0
         checked += 1
     assert checked == 4
+
+
+@pytest.mark.parametrize("model", ["residual_ae", "sdc_ccm"])
+def test_each_models_default_map_is_among_the_settings(model):
+    """A model's own map is the row its alternatives are judged against."""
+    config = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"{model}.yaml")
+    weights = config.anomaly_map
+    assert weights.l1 == 0.0  # the settings have no l1 term
+    default = (weights.l2, weights.ssim, weights.gradient, weights.sigma)
+    assert default in MAP_SETTINGS

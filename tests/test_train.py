@@ -157,6 +157,8 @@ def test_train_writes_every_output_and_eval_reproduces_metrics(tmp_path, data_di
         recalibrated_as_trained("maximum", "score.top_k=1", {"model.score.top_share": "null"})
         # So does another smoothing of the map (selection reads `val/loss`, not the map).
         recalibrated_as_trained("smooth", "anomaly_map.sigma=2", {"model.anomaly_map.sigma": "2"})
+        # And another weighting of its error terms.
+        recalibrated_as_trained("weights", "anomaly_map.ssim=0", {"model.anomaly_map.ssim": "0"})
         # The same checkpoint on another, real-layout category: its data keys replace the saved.
         write_tree(tmp_path / "real", category="widget")
         other_dir = tmp_path / "other"
