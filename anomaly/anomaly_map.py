@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from anomaly.errors import ConfigError
-from anomaly.similarity import WeightedErrorTerms, gaussian_filter, gaussian_kernel1d
+from anomaly.similarity import WeightedErrorTerms, gaussian_filter, gaussian_kernel1d, is_number
 
 # With sigma None, the smoothing is the image's shorter side over this: the same share of the
 # object at every resolution (sigma 0.5 at 64 px, 1 at 128 px, 2 at 256 px). Chosen on validation
@@ -14,11 +14,6 @@ from anomaly.similarity import WeightedErrorTerms, gaussian_filter, gaussian_ker
 SIDE_PER_SIGMA = 128.0
 # The rule of checkpoints written before the setting existed (sigma 2 at 128 px).
 FORMER_SIDE_PER_SIGMA = 64.0
-
-
-def is_number(value) -> bool:
-    """An int or float setting (not a bool, a string or None)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 class AnomalyMap(WeightedErrorTerms):

@@ -203,6 +203,11 @@ def error_map(term: str, prediction: torch.Tensor, target: torch.Tensor) -> torc
     raise ValueError(f"unknown error term {term!r}; expected one of {ERROR_TERMS}")
 
 
+def is_number(value) -> bool:
+    """An int or float setting (not a bool, a string or None)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 class WeightedErrorTerms(nn.Module):
     """The weights of the error terms that a loss or an anomaly map combines.
 
@@ -219,8 +224,8 @@ class WeightedErrorTerms(nn.Module):
         super().__init__()
         weights = {"l2": l2, "l1": l1, "ssim": ssim, "gradient": gradient}
         for name, weight in weights.items():
-            if not weight >= 0:  # also rejects NaN
-                raise ConfigError(f"weight {name} must be >= 0, got {weight}")
+            if not (is_number(weight) and weight >= 0):  # also rejects NaN
+                raise ConfigError(f"weight {name} must be >= 0, got {weight!r}")
         self.weights = {name: float(weight) for name, weight in weights.items() if weight > 0}
         if not self.weights:
             raise ConfigError(f"at least one of the weights {ERROR_TERMS} must be > 0")

@@ -9,6 +9,7 @@ from anomaly.errors import ConfigError
 from anomaly.objective import ReconstructionLoss
 from anomaly.similarity import (
     ERROR_TERMS,
+    WeightedErrorTerms,
     error_map,
     gaussian_filter,
     gaussian_kernel1d,
@@ -166,6 +167,13 @@ def test_reconstruction_loss_corrupted_part_scales_linearly() -> None:
 def test_reconstruction_loss_rejects_negative_weights(name: str) -> None:
     with pytest.raises(ConfigError, match=f"{name} must be >= 0"):
         ReconstructionLoss(**{name: -0.1})
+
+
+@pytest.mark.parametrize("weight", ["abc", None, True])
+def test_error_term_weights_must_be_numbers(weight) -> None:
+    # A weight given on the command line as text is a one-line config error, not a TypeError.
+    with pytest.raises(ConfigError, match="weight ssim must be >= 0, got"):
+        WeightedErrorTerms(ssim=weight)
 
 
 def test_reconstruction_loss_rejects_bad_arguments() -> None:
