@@ -15,6 +15,7 @@ from anomaly.tasks import build_detector, build_module, map_for_eval, score_for_
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CPU_EXPERIMENTS = [e for e in EXPERIMENTS if e.endswith("_cpu")]
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
@@ -43,6 +44,15 @@ def test_experiment_presets_build(experiment):
             assert cfg.model[key] == plain.model[key], key
     assert cfg.model.anomaly_map.sigma is None
     assert build_detector(cfg.model).anomaly_map.sigma_for(128, 128) == 1.0
+
+
+@pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
+def test_cpu_presets_train_with_the_real_data_batch(experiment):
+    # The batch is part of the recipe on a CPU (steps in a time budget), not of the preset.
+    preset = composed([f"experiment={experiment}", "data.root=/data/mvtec"])
+    plain = composed(["data=mvtec", "data.root=/data/mvtec"])
+    assert preset.data.batch_size == plain.data.batch_size
+    assert plain.data.batch_size < composed([]).data.batch_size  # the built-in set keeps its own
 
 
 def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
