@@ -67,6 +67,9 @@ def check_training_config(cfg: DictConfig, stride: int) -> None:
     if lr_schedule.get("shape", "constant") not in LR_SHAPES:
         _fail("model.lr_schedule.shape", lr_schedule.get("shape"), " or ".join(LR_SHAPES))
     _check_fraction("model.lr_schedule.final_share", lr_schedule.get("final_share", 0.0))
+    decay = (model.get("weight_average") or {}).get("decay")
+    if decay is not None:
+        _check_fraction("model.weight_average.decay", decay, low_open=True, high_open=True)
     check_threshold_config(cfg.get("threshold") or {})
     schedule = (cfg.get("callbacks") or {}).get("validation_schedule") or {}
     if "max_share" in schedule:

@@ -120,6 +120,7 @@ def test_groups_compose(model, trainer, logger):
         (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 is out of range"),
         (["model.lr_schedule.shape=linear"], "model.lr_schedule.shape='linear' is out of range"),
         (["model.lr_schedule.final_share=2"], "model.lr_schedule.final_share=2 is out of range"),
+        (["model.weight_average.decay=1"], "model.weight_average.decay=1 is out of range"),
         (["data.batch_size=0"], "data.batch_size=0 is out of range: a batch size >= 1"),
         (["data.eval_batch_size=-2"], "data.eval_batch_size=-2"),
         (["data.num_workers=-1"], "data.num_workers=-1"),
