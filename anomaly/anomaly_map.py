@@ -71,13 +71,16 @@ class AnomalyMap(WeightedErrorTerms):
             anomaly map (B, H, W).
         """
         image, reconstruction = image.float(), reconstruction.float()
-        maps = torch.zeros_like(image[:, 0])  # (B, H, W)
-        for _, weight, err in self.error_maps(reconstruction, image):
-            maps = maps + weight * err
-        if self.sigma is None:
-            maps = gaussian_filter(maps.unsqueeze(1), self._kernel_for(maps)).squeeze(1)
-        elif self.sigma > 0:
-            maps = gaussian_filter(maps.unsqueeze(1), self.kernel).squeeze(1)
+        # In float32 under mixed precision too (`trainer.precision=bf16-mixed`): the errors of a
+        # good reconstruction are smaller than bfloat16's steps.
+        with torch.autocast(image.device.type, enabled=False):
+            maps = torch.zeros_like(image[:, 0])  # (B, H, W)
+            for _, weight, err in self.error_maps(reconstruction, image):
+                maps = maps + weight * err
+            if self.sigma is None:
+                maps = gaussian_filter(maps.unsqueeze(1), self._kernel_for(maps)).squeeze(1)
+            elif self.sigma > 0:
+                maps = gaussian_filter(maps.unsqueeze(1), self.kernel).squeeze(1)
         return maps
 
     def _kernel_for(self, maps: Tensor) -> Tensor:

@@ -194,12 +194,19 @@ class AnomalyModule(LightningModule):
         masks = batch["mask"].squeeze(1)
         update_stage_metrics(metrics, maps, masks, scores, batch["label"].long())
 
+    def _detect(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Maps, scores and reconstructions in float32 whatever `trainer.precision` trains in, as
+        eval, predict and export compute them, so the statistics and the threshold fitted on
+        validation hold for them."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.detector(images.float())
+
     def on_validation_epoch_start(self) -> None:
         self.normal_statistics.reset()
         self.validation_maps.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        maps, scores, reconstruction = self.detector(batch["image"])
+        maps, scores, reconstruction = self._detect(batch["image"])
         self._check_scores(maps, scores, batch)
         self._update(self.val_metrics, batch, maps, scores)
         self.validation_maps.update(maps, batch["label"])
@@ -240,7 +247,7 @@ class AnomalyModule(LightningModule):
             self.test_per_defect = PerGroupAUROC(len(self.defect_types)).to(self.device)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        maps, scores, reconstruction = self.detector(batch["image"])
+        maps, scores, reconstruction = self._detect(batch["image"])
         self._check_scores(maps, scores, batch)
         self._update(self.test_metrics, batch, maps, scores)
         if self.test_per_defect is not None:

@@ -56,13 +56,19 @@ class ReconstructionLoss(WeightedErrorTerms):
             expected = (pred.shape[0], 1, *pred.shape[2:])
             if tuple(mask.shape) != expected:
                 raise ValueError(f"expected mask of shape {expected}, got {tuple(mask.shape)}")
-            mask = mask.to(pred.dtype).squeeze(1)  # (B, H, W)
+        # In float32 under mixed precision too, as the anomaly map (anomaly_map.py); a float64
+        # pair keeps its precision.
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        pred, target = pred.to(dtype), target.to(dtype)
+        if mask is not None:
+            mask = mask.to(dtype).squeeze(1)  # (B, H, W)
         terms = {}
-        for name, _, err in self.error_maps(pred, target):  # err (B, H, W)
-            if mask is None:
-                terms[name] = err.mean()
-            else:
-                inside = (err * mask).mean()
-                terms[name] = (err * (1 - mask)).mean() + self.corrupted_weight * inside
-        total = sum(weight * terms[name] for name, weight in self.weights.items())
+        with torch.autocast(pred.device.type, enabled=False):
+            for name, _, err in self.error_maps(pred, target):  # err (B, H, W)
+                if mask is None:
+                    terms[name] = err.mean()
+                else:
+                    inside = (err * mask).mean()
+                    terms[name] = (err * (1 - mask)).mean() + self.corrupted_weight * inside
+            total = sum(weight * terms[name] for name, weight in self.weights.items())
         return total, terms

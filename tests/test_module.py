@@ -35,12 +35,14 @@ def quiet_trainer(**settings) -> Trainer:
     return Trainer(**(quiet | settings))
 
 
-def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_validation_fits_normal_statistics_of_the_held_out_maps(tiny_tree, precision):
+    # With mixed precision too, validation maps in float32, as eval and predict compute them.
     datamodule = make_datamodule(tiny_tree, eval_batch_size=2)
     net = SDCCCMAutoencoder(channels=(8, 16, 24), num_sdc_blocks=1)
     detector = AnomalyDetector(net, AnomalyMap(sigma=1.0), standardize=True)
     model = AnomalyModule(detector, ReconstructionLoss(), partial(torch.optim.Adam, lr=1e-3))
-    trainer = quiet_trainer()
+    trainer = quiet_trainer(precision=precision)
     trainer.validate(model, datamodule=datamodule)
     normals = datamodule.val_set.images
     images = torch.stack([normals[i]["image"] for i in range(len(normals))])

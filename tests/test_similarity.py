@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from anomaly.anomaly_map import AnomalyMap
 from anomaly.errors import ConfigError
 from anomaly.objective import ReconstructionLoss
 from anomaly.similarity import (
@@ -184,3 +185,27 @@ def test_reconstruction_loss_rejects_bad_arguments() -> None:
         ReconstructionLoss()(x, x, torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="same shape"):
         ReconstructionLoss()(x, x[:1])
+
+
+def test_the_map_and_the_loss_stay_float32_under_bfloat16_mixed_precision():
+    # trainer.precision=bf16-mixed runs the network in bfloat16; the errors of a good
+    # reconstruction are smaller than its steps, so the map and the loss must not follow it.
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32)
+    reconstruction = (image + 0.01 * torch.randn_like(image)).clamp(0, 1)
+    mask = (torch.rand(2, 1, 32, 32) > 0.8).float()
+    anomaly_map = AnomalyMap(l2=10.0, ssim=1.0, gradient=1.0, sigma=1.0)
+    loss = ReconstructionLoss(corrupted_weight=5.0, l2=1.0, ssim=2.0, gradient=1.0)
+    expected_map, (expected_loss, _) = (
+        anomaly_map(image, reconstruction),
+        loss(reconstruction, image, mask),
+    )
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed_map = anomaly_map(image, reconstruction)
+        mixed_loss, _ = loss(reconstruction, image, mask)
+        # The reconstruction in bfloat16, as the network hands it over: only its rounding moves.
+        rounded_loss, terms = loss(reconstruction.bfloat16(), image, mask)
+    assert mixed_map.dtype == torch.float32 and torch.equal(mixed_map, expected_map)
+    assert mixed_loss.dtype == torch.float32 and torch.equal(mixed_loss, expected_loss)
+    assert all(value.dtype == torch.float32 for value in terms.values())
+    assert rounded_loss.item() == pytest.approx(expected_loss.item(), rel=0.05)
