@@ -8,7 +8,7 @@ present, else the CPU):
 - dense: the machine's own rates, a large matmul and the best of a few large 3x3 convolutions
   (channels_last), the yardstick for the training rate;
 - train: images/s of a full training step (forward, loss, backward, optimizer) per model, size
-  and memory format (plus bf16 autocast on CUDA), FLOPs per image counted by
+  and memory format (and bf16 autocast), FLOPs per image counted by
   `torch.utils.flop_counter`, the achieved rate as a fraction of the convolution rate, peak memory;
 - corrupt: training corruptions, images/s per kind: one image at a time (the loader's path) and
   whole batches (`data.corruption.device=model`), on one CPU thread, and on the GPU when present;
@@ -205,9 +205,9 @@ def train_steps(net, loss, optimizer, images, masks, autocast, count: int) -> No
 def training_rates(device: torch.device, profile: Profile, conv_gflops: float) -> list[dict]:
     """A full training step per model, size and memory format: images/s, FLOPs, peak memory."""
     rows = []
-    formats = [("fp32", False), ("fp32_channels_last", True)]
-    if device.type == "cuda":
-        formats.append(("bf16_channels_last", True))
+    # bfloat16 autocast as `trainer.precision=bf16-mixed` trains (fast on GPUs and on CPUs with
+    # AMX; emulated, slowly, on other CPUs).
+    formats = [("fp32", False), ("fp32_channels_last", True), ("bf16_channels_last", True)]
     for name in MODELS:
         for size in profile.train_sizes:
             for label, channels_last in formats:

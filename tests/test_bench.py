@@ -22,7 +22,9 @@ def test_the_bench_writes_every_figure(tmp_path, capsys):
     assert {(r["model"], r["size"]) for r in results["train"]} == {
         (m, s) for m in MODELS for s in tiny.train_sizes
     }
-    assert {"fp32", "fp32_channels_last"} <= {r["format"] for r in results["train"]}
+    assert {"fp32", "fp32_channels_last", "bf16_channels_last"} <= {
+        r["format"] for r in results["train"]
+    }
     assert {r["kind"] for r in results["corrupt"]} == {"texture", "elastic", "both"}
     assert {r["path"] for r in results["corrupt"]} == {"per_sample", "batched"}
     assert [r["workers"] for r in results["loader"]] == list(tiny.loader_workers)

@@ -55,6 +55,14 @@ def test_cpu_presets_train_with_the_real_data_batch(experiment):
     assert plain.data.batch_size < composed([]).data.batch_size  # the built-in set keeps its own
 
 
+@pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
+def test_cpu_presets_train_in_bfloat16_and_the_plain_trainer_in_float32(experiment):
+    # Hardware: the presets' CPU runs bfloat16 natively; a CPU without it keeps float32.
+    preset = composed([f"experiment={experiment}", "data.root=/data/mvtec"])
+    assert preset.trainer.precision == "bf16-mixed"
+    assert composed(["data=mvtec", "data.root=/data/mvtec"]).trainer.precision == "32-true"
+
+
 def test_default_model_anneals_over_the_run_and_selects_on_validation_loss():
     cfg = composed(["trainer.max_epochs=7"])
     schedule = instantiate(cfg.callbacks.lr_schedule)
